@@ -1,0 +1,330 @@
+"""catzilla's background task engine: priorities, delays, retries, timeouts,
+coroutines and real statistics, run by a Rust worker pool.
+
+All defaults are defined here, once, and passed to the native core.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import sys
+import types
+import weakref
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from . import _aio
+from ._catzilla import Engine, EngineStats, TaskResult, _init_runtime
+from .errors import (
+    CatzillaError,
+    EngineShutdownError,
+    NonRetryableError,
+    TaskCancelledError,
+    TaskInterrupt,
+    TaskNotReadyError,
+    TaskPanicError,
+    TaskQueueFullError,
+    TaskTimeoutError,
+)
+
+__all__ = [
+    "BackgroundTasks",
+    "CatzillaError",
+    "EngineShutdownError",
+    "EngineStats",
+    "NonRetryableError",
+    "TaskCancelledError",
+    "TaskFunction",
+    "TaskInterrupt",
+    "TaskNotReadyError",
+    "TaskPanicError",
+    "TaskPriority",
+    "TaskQueueFullError",
+    "TaskResult",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "registered_tasks",
+    "task",
+]
+
+logger = logging.getLogger("catzilla.tasks")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class TaskPriority(Enum):
+    """The lane a task waits in; workers serve the highest non-empty lane first."""
+
+    CRITICAL = 0
+    """Runs before everything else waiting."""
+    HIGH = 1
+    """Runs before NORMAL and LOW work."""
+    NORMAL = 2
+    """The default."""
+    LOW = 3
+    """Runs when nothing more urgent waits (or once it has waited past the starvation guard)."""
+
+
+class TaskStatus(Enum):
+    """Where a task stands."""
+
+    PENDING = "pending"
+    """Queued, ready to run."""
+    SCHEDULED = "scheduled"
+    """Waiting for its delay to pass."""
+    RUNNING = "running"
+    """An attempt is running."""
+    RETRYING = "retrying"
+    """An attempt failed; the next one waits for its backoff delay."""
+    COMPLETED = "completed"
+    """Finished and returned a value."""
+    FAILED = "failed"
+    """Finished with an error after its last attempt."""
+    CANCELLED = "cancelled"
+    """Cancelled before it ran, or by shutdown."""
+
+
+#: Functions decorated with ``@task``, by import name (``module.qualname``).
+registered_tasks: dict[str, TaskFunction[Any, Any]] = {}
+
+
+class TaskFunction(Generic[P, R]):
+    """A function decorated with ``@task``: call it to run it directly, or pass
+    it to ``add_task`` to run it in the background with its configured options."""
+
+    def __init__(
+        self,
+        func: Callable[P, R],
+        *,
+        priority: TaskPriority | None,
+        delay_ms: float | None,
+        max_retries: int | None,
+        timeout_ms: float | None,
+        no_retry_for: tuple[type[BaseException], ...],
+    ) -> None:
+        functools.update_wrapper(self, func)
+        self.__wrapped__ = func
+        self.name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+        self._catzilla_options = (
+            func,
+            priority,
+            delay_ms,
+            max_retries,
+            timeout_ms,
+            no_retry_for or None,
+        )
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.__wrapped__(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+
+def _check_number(name: str, value: float | None, *, integer: bool = False) -> None:
+    if value is None:
+        return
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        need = "an int" if integer else "a number"
+        raise TypeError(f"{name} must be {need}, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+@overload
+def task(func: Callable[P, R], /) -> TaskFunction[P, R]: ...
+@overload
+def task(
+    *,
+    priority: TaskPriority | None = None,
+    max_retries: int | None = None,
+    timeout_ms: float | None = None,
+    delay_ms: float | None = None,
+    no_retry_for: tuple[type[BaseException], ...] = (),
+) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
+def task(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    priority: TaskPriority | None = None,
+    max_retries: int | None = None,
+    timeout_ms: float | None = None,
+    delay_ms: float | None = None,
+    no_retry_for: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Declares a task function, bare (``@task``) or with options
+    (``@task(priority=TaskPriority.HIGH, max_retries=5)``).
+
+    The options become the defaults when the function is passed to ``add_task``;
+    arguments given to ``add_task`` still win. Exceptions listed in
+    ``no_retry_for`` fail the task at once. The function is registered by its
+    import name in ``registered_tasks``.
+    """
+    if priority is not None and not isinstance(priority, TaskPriority):
+        raise TypeError(
+            f"priority must be a TaskPriority member, got {type(priority).__name__} {priority!r}"
+        )
+    _check_number("max_retries", max_retries, integer=True)
+    _check_number("timeout_ms", timeout_ms)
+    _check_number("delay_ms", delay_ms)
+    if not isinstance(no_retry_for, tuple) or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in no_retry_for
+    ):
+        raise TypeError(f"no_retry_for must be a tuple of exception classes, got {no_retry_for!r}")
+
+    def wrap(f: Callable[P, R]) -> TaskFunction[P, R]:
+        if not callable(f):
+            raise TypeError(f"@task needs a callable, got {type(f).__name__} {f!r}")
+        wrapped = TaskFunction(
+            f,
+            priority=priority,
+            delay_ms=delay_ms,
+            max_retries=max_retries,
+            timeout_ms=timeout_ms,
+            no_retry_for=no_retry_for,
+        )
+        registered_tasks[wrapped.name] = wrapped
+        return wrapped
+
+    return wrap(func) if func is not None else wrap
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+def _report(level: str, message: str, exc: BaseException | None) -> None:
+    logger.log(_LEVELS.get(level, logging.ERROR), message, exc_info=exc)
+
+
+_init_runtime(
+    {
+        "priorities": tuple(TaskPriority),
+        "statuses": tuple(TaskStatus),
+        "TaskQueueFullError": TaskQueueFullError,
+        "EngineShutdownError": EngineShutdownError,
+        "TaskNotReadyError": TaskNotReadyError,
+        "TaskTimeoutError": TaskTimeoutError,
+        "TaskCancelledError": TaskCancelledError,
+        "TaskPanicError": TaskPanicError,
+        "TaskInterrupt": TaskInterrupt,
+        "NonRetryableError": NonRetryableError,
+        "TaskFunction": TaskFunction,
+        "CoroutineType": types.CoroutineType,
+        "getsizeof": sys.getsizeof,
+        "EventLoopThread": _aio.EventLoopThread,
+        "report": _report,
+        "await_result": _aio.await_result,
+    }
+)
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _non_negative(name: str, value: object, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if value != value or value in (float("inf"), float("-inf")) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if positive and value == 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+_live_engines: weakref.WeakSet[BackgroundTasks] = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    for engine in list(_live_engines):
+        if not engine.is_shutdown:
+            engine.shutdown(wait_for_completion=True, timeout=engine.exit_timeout)
+
+
+class BackgroundTasks(Engine):
+    """The background task engine. See the docs for every parameter's effect."""
+
+    def __new__(
+        cls,
+        workers: int | None = None,
+        min_workers: int = 2,
+        max_workers: int | None = None,
+        queue_size: int = 10000,
+        enable_auto_scaling: bool = True,
+        memory_pool_mb: float = 500,
+        enable_profiling: bool = False,
+        *,
+        result_ttl: float = 3600.0,
+        retry_backoff_ms: float = 100.0,
+        retry_backoff_cap_ms: float = 30000.0,
+        starvation_ms: float = 5000.0,
+        idle_timeout: float = 30.0,
+        exit_timeout: float = 30.0,
+        default_priority: TaskPriority = TaskPriority.NORMAL,
+        default_delay_ms: float = 0,
+        default_max_retries: int = 3,
+        default_timeout_ms: float = 30000,
+    ) -> BackgroundTasks:
+        if workers is None:
+            workers = min(32, (os.cpu_count() or 1) + 4)
+        workers = _positive_int("workers", workers)
+        min_workers = min(_positive_int("min_workers", min_workers), workers)
+        if max_workers is None:
+            max_workers = min(64, workers * 2)
+        max_workers = _positive_int("max_workers", max_workers)
+        if max_workers < workers:
+            raise ValueError(f"max_workers ({max_workers}) must be >= workers ({workers})")
+        queue_size = _positive_int("queue_size", queue_size)
+        if not isinstance(enable_auto_scaling, bool):
+            raise TypeError(f"enable_auto_scaling must be a bool, got {enable_auto_scaling!r}")
+        if not isinstance(enable_profiling, bool):
+            raise TypeError(f"enable_profiling must be a bool, got {enable_profiling!r}")
+        self = super().__new__(
+            cls,
+            workers=workers,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            queue_size=queue_size,
+            enable_auto_scaling=enable_auto_scaling,
+            memory_pool_mb=_non_negative("memory_pool_mb", memory_pool_mb, positive=True),
+            enable_profiling=enable_profiling,
+            result_ttl=_non_negative("result_ttl", result_ttl),
+            retry_backoff_ms=_non_negative("retry_backoff_ms", retry_backoff_ms),
+            retry_backoff_cap_ms=_non_negative("retry_backoff_cap_ms", retry_backoff_cap_ms),
+            starvation_ms=_non_negative("starvation_ms", starvation_ms),
+            idle_timeout=_non_negative("idle_timeout", idle_timeout),
+            default_priority=default_priority,
+            default_delay_ms=default_delay_ms,
+            default_max_retries=default_max_retries,
+            default_timeout_ms=default_timeout_ms,
+        )
+        self.exit_timeout = _non_negative("exit_timeout", exit_timeout)
+        self.config = {
+            "workers": workers,
+            "min_workers": min_workers,
+            "max_workers": max_workers,
+            "queue_size": queue_size,
+            "enable_auto_scaling": enable_auto_scaling,
+            "memory_pool_mb": memory_pool_mb,
+            "enable_profiling": enable_profiling,
+            "result_ttl": result_ttl,
+        }
+        _live_engines.add(self)
+        return self
+
+    task = staticmethod(task)
+
+    def __repr__(self) -> str:
+        state = "shut down" if self.is_shutdown else "running"
+        return f"<BackgroundTasks {state} workers={self.config['workers']}>"

@@ -1,0 +1,56 @@
+"""Every exception catzilla raises. Each is importable from here and from
+``catzilla.background_tasks``."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CatzillaError",
+    "EngineShutdownError",
+    "NonRetryableError",
+    "TaskCancelledError",
+    "TaskInterrupt",
+    "TaskNotReadyError",
+    "TaskPanicError",
+    "TaskQueueFullError",
+    "TaskTimeoutError",
+]
+
+
+class CatzillaError(Exception):
+    """Base class of catzilla's own errors."""
+
+
+class TaskQueueFullError(CatzillaError):
+    """``add_task`` was refused: ``queue_size`` tasks are already waiting."""
+
+
+class EngineShutdownError(CatzillaError, RuntimeError):
+    """The engine is shut down (or was never enabled) and takes no new tasks."""
+
+
+class TaskTimeoutError(CatzillaError, TimeoutError):
+    """A task attempt ran longer than its ``timeout_ms``."""
+
+
+class TaskCancelledError(CatzillaError):
+    """The task was cancelled, by ``cancel()`` or by shutdown, before it finished."""
+
+
+class TaskNotReadyError(CatzillaError):
+    """``result()`` was called before the task finished."""
+
+
+class TaskPanicError(CatzillaError):
+    """catzilla's native core failed while handling the task; the worker carried on."""
+
+
+class NonRetryableError(Exception):
+    """Raise this (or a subclass) from a task to make it fail at once, without retries."""
+
+
+class TaskInterrupt(BaseException):
+    """Raised inside a sync task's thread when its timeout expires.
+
+    It derives from ``BaseException`` so that ``except Exception`` in task code does
+    not swallow it; the task's recorded error is a ``TaskTimeoutError``.
+    """

@@ -1,0 +1,11 @@
+//! catzilla's native core, built as the extension module `catzilla._catzilla`.
+
+pub mod py;
+pub mod tasks;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _catzilla(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    py::init_pymodule(m)
+}

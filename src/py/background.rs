@@ -1,0 +1,563 @@
+//! `Engine`, the native base of `catzilla.background_tasks.BackgroundTasks`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyList, PyTuple};
+
+use super::engine::{Counters, Defaults, Retention, Shared};
+use super::errors::{describe, Error, Result};
+use super::runtime::runtime;
+use super::stats::EngineStats;
+use super::task::{Call, NewTask, Outcome, Status, TaskResult};
+use crate::tasks::backoff::{Backoff, Rng};
+use crate::tasks::pool::{Pool, PoolConfig};
+use crate::tasks::scheduler::Scheduler;
+use crate::tasks::stats::{new_histogram, summary_ms, RateWindow, Sampler};
+use crate::tasks::sysinfo::resident_bytes;
+use crate::tasks::watchdog::Watchdog;
+
+const MB: f64 = 1024.0 * 1024.0;
+
+/// `TaskFunction._catzilla_options`: the function, then its defaults.
+type TaskOptions<'py> = (
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+);
+
+#[pyclass(frozen, subclass, module = "catzilla._catzilla")]
+pub struct Engine {
+    shared: Arc<Shared>,
+    watchdog_thread: Mutex<Option<JoinHandle<()>>>,
+    report: Mutex<Option<Py<PyDict>>>,
+}
+
+fn parse_ms(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
+    let ms: f64 = if v.is_instance_of::<PyBool>() {
+        return Err(Error::WrongType(
+            name,
+            "a number of milliseconds",
+            describe(v),
+        ));
+    } else {
+        v.extract()
+            .map_err(|_| Error::WrongType(name, "a number of milliseconds", describe(v)))?
+    };
+    if !ms.is_finite() || ms < 0.0 {
+        return Err(Error::BadValue(
+            name,
+            format!("must be a finite number >= 0, got {ms}"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(ms / 1000.0))
+}
+
+fn parse_count(name: &'static str, v: &Bound<'_, PyAny>) -> Result<u32> {
+    if v.is_instance_of::<PyBool>() {
+        return Err(Error::WrongType(name, "an int", describe(v)));
+    }
+    let n: i64 = v
+        .extract()
+        .map_err(|_| Error::WrongType(name, "an int", describe(v)))?;
+    u32::try_from(n)
+        .map_err(|_| Error::BadValue(name, format!("must be between 0 and {}, got {n}", u32::MAX)))
+}
+
+fn timeout_of(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (*, workers, min_workers, max_workers, queue_size, enable_auto_scaling,
+        memory_pool_mb, enable_profiling, result_ttl, retry_backoff_ms, retry_backoff_cap_ms,
+        starvation_ms, idle_timeout, default_priority, default_delay_ms, default_max_retries,
+        default_timeout_ms))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        workers: usize,
+        min_workers: usize,
+        max_workers: usize,
+        queue_size: usize,
+        enable_auto_scaling: bool,
+        memory_pool_mb: f64,
+        enable_profiling: bool,
+        result_ttl: f64,
+        retry_backoff_ms: f64,
+        retry_backoff_cap_ms: f64,
+        starvation_ms: f64,
+        idle_timeout: f64,
+        default_priority: &Bound<'_, PyAny>,
+        default_delay_ms: &Bound<'_, PyAny>,
+        default_max_retries: &Bound<'_, PyAny>,
+        default_timeout_ms: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let rt = runtime(py)?;
+        let secs = |name: &'static str, v: f64| -> Result<Duration> {
+            if !v.is_finite() || v < 0.0 {
+                return Err(Error::BadValue(
+                    name,
+                    format!("must be a finite number >= 0, got {v}"),
+                ));
+            }
+            Ok(Duration::from_secs_f64(v))
+        };
+        let origin = Instant::now();
+        let lane = rt
+            .priorities
+            .iter()
+            .position(|p| p.bind(py).is(default_priority))
+            .ok_or_else(|| {
+                Error::WrongType(
+                    "priority",
+                    "a TaskPriority member",
+                    describe(default_priority),
+                )
+            })?;
+        let defaults = Defaults {
+            lane,
+            delay: parse_ms("delay_ms", default_delay_ms)?,
+            max_retries: parse_count("max_retries", default_max_retries)?,
+            timeout: timeout_of(parse_ms("timeout_ms", default_timeout_ms)?),
+        };
+        let sched = Arc::new(Scheduler::new(
+            queue_size,
+            secs("starvation_ms", starvation_ms / 1000.0)?,
+        ));
+        let seed = origin.elapsed().as_nanos() as u64
+            ^ u64::from(std::process::id()).rotate_left(32)
+            ^ (std::ptr::addr_of!(origin) as u64);
+        let mut rng = Rng::new(seed);
+        let prefix = (rng.next_u64() >> 32) as u32;
+        let watchdog = Arc::new(Watchdog::new(origin));
+        let backoff = Backoff {
+            base: secs("retry_backoff_ms", retry_backoff_ms / 1000.0)?,
+            cap: secs("retry_backoff_cap_ms", retry_backoff_cap_ms / 1000.0)?,
+        };
+        let result_ttl = secs("result_ttl", result_ttl)?;
+        let idle_timeout = secs("idle_timeout", idle_timeout)?;
+        let async_histogram = new_histogram().map_err(Error::from)?;
+        let first_sample = crate::tasks::stats::Sample {
+            at: origin,
+            busy_ns: 0,
+            worker_cpu_ns: 0,
+            process_cpu_ns: crate::tasks::sysinfo::process_cpu_ns(),
+        };
+        let shared = Arc::new_cyclic(|me| Shared {
+            me: me.clone(),
+            origin,
+            prefix,
+            next_seq: AtomicU64::new(1),
+            next_token: AtomicU64::new(1),
+            sched: sched.clone(),
+            watchdog: watchdog.clone(),
+            pool: Mutex::new(None),
+            backoff,
+            rng: Mutex::new(rng),
+            defaults,
+            counters: Counters::default(),
+            registry: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
+            retention: Mutex::new(Retention {
+                order: VecDeque::new(),
+                bytes: 0,
+            }),
+            pool_bytes: (memory_pool_mb.max(0.0) * MB) as u64,
+            result_ttl,
+            queue_size,
+            rate: Mutex::new(RateWindow::new(Duration::from_secs(10), origin)),
+            async_histogram: Mutex::new(async_histogram),
+            sampler: Mutex::new(Sampler::new(first_sample, Duration::from_secs(1))),
+            aio: Mutex::new(None),
+            profiling: enable_profiling,
+            profile: Mutex::new(HashMap::new()),
+        });
+        let cfg = PoolConfig {
+            initial: workers,
+            min: min_workers.min(workers),
+            max: max_workers.max(workers),
+            autoscale: enable_auto_scaling,
+            idle_timeout,
+            grow_interval: Duration::from_millis(100),
+        };
+        let pool = Pool::new(sched.clone(), shared.clone(), cfg, origin).map_err(Error::from)?;
+        *shared.pool.lock() = Some(pool.clone());
+        pool.start().map_err(Error::Thread)?;
+        let slots = pool.slots().clone();
+        let dog = watchdog.clone();
+        let watchdog_thread = std::thread::Builder::new()
+            .name("catzilla-watchdog".into())
+            .spawn(move || {
+                dog.run(
+                    &slots,
+                    |s| &s.deadline,
+                    |i, token| {
+                        Python::try_attach(|py| {
+                            let slot = &slots[i];
+                            if slot.deadline.token() != token {
+                                return;
+                            }
+                            let Ok(rt) = runtime(py) else { return };
+                            slot.deadline.mark_fired(token);
+                            // SAFETY: attached; the id names a live worker thread that is
+                            // running the armed task (checked through the token above).
+                            unsafe {
+                                pyo3::ffi::PyThreadState_SetAsyncExc(
+                                    slot.ident.load(SeqCst) as std::os::raw::c_long,
+                                    rt.interrupt.as_ptr(),
+                                );
+                            }
+                        });
+                    },
+                )
+            })
+            .map_err(Error::Thread)?;
+        Ok(Self {
+            shared,
+            watchdog_thread: Mutex::new(Some(watchdog_thread)),
+            report: Mutex::new(None),
+        })
+    }
+
+    /// Queues `func(*args, **kwargs)`; see the stub for the full contract.
+    #[pyo3(signature = (func, *args, priority=None, delay_ms=None, max_retries=None, timeout_ms=None, **kwargs))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_task(
+        &self,
+        py: Python<'_>,
+        func: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        priority: Option<&Bound<'_, PyAny>>,
+        delay_ms: Option<&Bound<'_, PyAny>>,
+        max_retries: Option<&Bound<'_, PyAny>>,
+        timeout_ms: Option<&Bound<'_, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<TaskResult> {
+        let rt = runtime(py)?;
+        let shared = &self.shared;
+        let d = &shared.defaults;
+        let (mut lane, mut delay, mut retries, mut timeout) =
+            (d.lane, d.delay, d.max_retries, d.timeout);
+        let mut no_retry = None;
+        let mut func = func.clone();
+        if func.get_type().is(rt.task_function_type.bind(py)) {
+            let opts = func.getattr("_catzilla_options")?;
+            let (inner, p, dl, mr, to, nr): TaskOptions<'_> = opts.extract()?;
+            if let Some(p) = p {
+                lane = shared.parse_lane(rt, &p)?;
+            }
+            if let Some(dl) = dl {
+                delay = parse_ms("delay_ms", &dl)?;
+            }
+            if let Some(mr) = mr {
+                retries = parse_count("max_retries", &mr)?;
+            }
+            if let Some(to) = to {
+                timeout = timeout_of(parse_ms("timeout_ms", &to)?);
+            }
+            no_retry = nr.map(Bound::unbind);
+            func = inner;
+        }
+        if !func.is_callable() {
+            return Err(Error::WrongType("func", "callable", describe(&func)).into());
+        }
+        if let Some(p) = priority {
+            lane = shared.parse_lane(rt, p)?;
+        }
+        if let Some(v) = delay_ms {
+            delay = parse_ms("delay_ms", v)?;
+        }
+        if let Some(v) = max_retries {
+            retries = parse_count("max_retries", v)?;
+        }
+        if let Some(v) = timeout_ms {
+            timeout = timeout_of(parse_ms("timeout_ms", v)?);
+        }
+        let kw_len = kwargs.map_or(0, |k| k.len()) as u64;
+        let footprint =
+            200 + 8 * args.len() as u64 + if kw_len > 0 { 100 + 48 * kw_len } else { 0 };
+        let task = NewTask {
+            seq: shared.next_seq.fetch_add(1, SeqCst),
+            prefix: shared.prefix,
+            lane,
+            max_retries: retries,
+            timeout,
+            delayed: !delay.is_zero(),
+            footprint,
+            call: Call {
+                func: func.unbind(),
+                args: args.clone().unbind(),
+                kwargs: kwargs.filter(|k| !k.is_empty()).map(|k| k.clone().unbind()),
+                no_retry,
+            },
+        };
+        let job = shared.submit(task, delay)?;
+        Ok(TaskResult::new(job, Arc::downgrade(shared)))
+    }
+
+    /// The handle of a task by id, while the engine still retains it.
+    fn get_result(&self, task_id: &Bound<'_, PyAny>) -> PyResult<Option<TaskResult>> {
+        let Ok(id) = task_id.extract::<String>() else {
+            return Err(Error::WrongType("task_id", "a str", describe(task_id)).into());
+        };
+        self.shared.evict(Instant::now());
+        Ok(self
+            .shared
+            .lookup(&id)
+            .map(|job| TaskResult::new(job, Arc::downgrade(&self.shared))))
+    }
+
+    /// A snapshot of every statistic.
+    fn get_stats(&self, py: Python<'_>) -> EngineStats {
+        py.detach(|| self.stats())
+    }
+
+    /// Per-function run times, collected when `enable_profiling` is on.
+    fn get_profile<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        for (name, (hist, failures)) in self.shared.profile.lock().iter() {
+            let (avg, p95, p99) = summary_ms(hist);
+            let entry = PyDict::new(py);
+            entry.set_item("count", hist.len())?;
+            entry.set_item("failures", *failures)?;
+            entry.set_item("avg_ms", avg)?;
+            entry.set_item("p95_ms", p95)?;
+            entry.set_item("p99_ms", p99)?;
+            entry.set_item("max_ms", hist.max() as f64 / 1000.0)?;
+            out.set_item(name, entry)?;
+        }
+        Ok(out)
+    }
+
+    /// True once `shutdown` has run.
+    #[getter]
+    fn is_shutdown(&self) -> bool {
+        self.shared.sched.is_closed()
+    }
+
+    /// Stops the engine; see the stub for the contract. Returns a report.
+    #[pyo3(signature = (wait_for_completion=true, timeout=30.0))]
+    fn shutdown(
+        &self,
+        py: Python<'_>,
+        wait_for_completion: bool,
+        timeout: f64,
+    ) -> PyResult<Py<PyDict>> {
+        if !(timeout.is_finite() && timeout >= 0.0) {
+            return Err(Error::BadValue(
+                "timeout",
+                format!("must be a finite number of seconds >= 0, got {timeout}"),
+            )
+            .into());
+        }
+        if let Some(report) = self.report.lock().as_ref() {
+            return Ok(report.clone_ref(py));
+        }
+        let report = self.stop(py, wait_for_completion, Duration::from_secs_f64(timeout))?;
+        *self.report.lock() = Some(report.clone_ref(py));
+        Ok(report)
+    }
+}
+
+impl Engine {
+    fn stop(&self, py: Python<'_>, wait: bool, timeout: Duration) -> PyResult<Py<PyDict>> {
+        let rt = runtime(py)?;
+        let shared = &self.shared;
+        let deadline = Instant::now() + timeout;
+        shared.sched.close_intake();
+        let settled = wait && py.detach(|| shared.sched.wait_settled(deadline));
+        let left = shared.sched.stop();
+        let mut cancelled = Vec::with_capacity(left.len());
+        for job in left {
+            cancelled.push(job.id());
+            let exc = rt.make_error(
+                py,
+                &rt.cancelled_error,
+                format!(
+                    "task {} was cancelled: the engine shut down before it ran",
+                    job.id()
+                ),
+            );
+            shared.complete(
+                py,
+                job,
+                Status::Cancelled,
+                Outcome::Cancelled(exc.unbind()),
+                false,
+            );
+        }
+        shared.watchdog.stop();
+        let aio = shared.aio.lock().take();
+        if let Some(aio) = aio {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64();
+            aio.bind(py)
+                .call_method1("stop", (if wait { left } else { 0.0 },))?;
+        }
+        let pool = shared.pool.lock().take();
+        let join_by = if wait { deadline } else { Instant::now() };
+        if let Some(pool) = pool {
+            py.detach(|| pool.join_until(join_by.max(Instant::now() + Duration::from_millis(50))));
+        }
+        if let Some(t) = self.watchdog_thread.lock().take() {
+            py.detach(|| t.join()).ok();
+        }
+        let running: Vec<String> = shared
+            .registry
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .lock()
+                    .values()
+                    .filter(|j| j.status() == Status::Running || j.status() == Status::Retrying)
+                    .map(|j| j.id())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if !cancelled.is_empty() {
+            rt.log(
+                py,
+                "warning",
+                format!(
+                    "shutdown cancelled {} queued task(s) that had not run: {}",
+                    cancelled.len(),
+                    preview(&cancelled)
+                ),
+                None,
+            );
+        }
+        if !running.is_empty() {
+            rt.log(
+                py,
+                "warning",
+                format!(
+                    "{} task(s) were still running when shutdown returned: {}",
+                    running.len(),
+                    preview(&running)
+                ),
+                None,
+            );
+        }
+        let report = PyDict::new(py);
+        report.set_item(
+            "drained",
+            settled || (cancelled.is_empty() && running.is_empty()),
+        )?;
+        report.set_item("cancelled", PyList::new(py, &cancelled)?)?;
+        report.set_item("still_running", PyList::new(py, &running)?)?;
+        Ok(report.unbind())
+    }
+
+    fn stats(&self) -> EngineStats {
+        let shared = &self.shared;
+        let now = Instant::now();
+        shared.evict(now);
+        let depths = shared.sched.depths();
+        let pool = shared.pool().map(|p| p.snapshot()).unwrap_or_default();
+        let usage = {
+            let sample = shared.sample(pool.cpu_ns, pool.busy_ns);
+            shared.sampler.lock().usage(sample, pool.live.max(1))
+        };
+        let mut merged = shared.async_histogram.lock().clone();
+        if let Some(p) = shared.pool() {
+            for slot in p.slots().iter() {
+                let _ = merged.add(&*slot.histogram.lock());
+            }
+        }
+        let (avg, p95, p99) = summary_ms(&merged);
+        let c = &shared.counters;
+        let completed = c.completed.load(SeqCst);
+        let failed = c.failed.load(SeqCst);
+        let (retained, retained_bytes) = shared.retained();
+        let ready = depths.ready();
+        let total_queued = ready + depths.scheduled;
+        let pool_mb = shared.pool_bytes as f64 / MB;
+        let retained_mb = retained_bytes as f64 / MB;
+        EngineStats {
+            critical_queue_size: depths.lanes[0],
+            high_queue_size: depths.lanes[1],
+            normal_queue_size: depths.lanes[2],
+            low_queue_size: depths.lanes[3],
+            scheduled_tasks: depths.scheduled,
+            total_queued,
+            queue_pressure: if shared.queue_size == 0 {
+                100.0
+            } else {
+                total_queued as f64 * 100.0 / shared.queue_size as f64
+            },
+            running_tasks: depths.in_flight,
+            async_tasks_running: c.async_running.load(SeqCst),
+            active_workers: pool.busy,
+            idle_workers: pool.live.saturating_sub(pool.busy),
+            total_workers: pool.live,
+            avg_worker_utilization: usage.utilization,
+            tasks_per_second: shared.rate.lock().per_second(now),
+            avg_execution_time_ms: avg,
+            p95_execution_time_ms: p95,
+            p99_execution_time_ms: p99,
+            memory_usage_mb: resident_bytes() as f64 / MB,
+            memory_efficiency: if pool_mb > 0.0 {
+                (100.0 - retained_mb * 100.0 / pool_mb).clamp(0.0, 100.0)
+            } else {
+                0.0
+            },
+            worker_cpu_usage: usage.worker_cpu,
+            worker_memory_usage: c.pending_bytes.load(SeqCst) as f64 / MB,
+            engine_cpu_usage: usage.process_cpu,
+            engine_memory_usage: retained_mb,
+            total_tasks_submitted: c.submitted.load(SeqCst),
+            total_tasks_processed: completed,
+            failed_tasks: failed,
+            cancelled_tasks: c.cancelled.load(SeqCst),
+            retry_count: c.retried.load(SeqCst),
+            timeout_count: c.timed_out.load(SeqCst),
+            rejected_tasks: c.rejected.load(SeqCst),
+            error_rate: if completed + failed == 0 {
+                0.0
+            } else {
+                failed as f64 * 100.0 / (completed + failed) as f64
+            },
+            retained_results: retained,
+            evicted_results: c.evicted.load(SeqCst),
+            starvation_promotions: depths.promoted,
+            workers_started: pool.grown,
+            workers_stopped: pool.shrunk,
+            panics_contained: c.panicked.load(SeqCst),
+            uptime_seconds: now.duration_since(shared.origin).as_secs_f64(),
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if self.report.lock().is_some() {
+            return;
+        }
+        Python::try_attach(|py| {
+            if let Err(err) = self.stop(py, false, Duration::ZERO) {
+                err.print(py);
+            }
+        });
+    }
+}
+
+fn preview(ids: &[String]) -> String {
+    let shown: Vec<&str> = ids.iter().take(10).map(String::as_str).collect();
+    let more = ids.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}

@@ -1,0 +1,607 @@
+//! `BackgroundTasks`' native core: admission, the Python side of workers,
+//! retries, timeouts, coroutines, retention and shutdown.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+
+use super::errors::{describe, Error, Result};
+use super::runtime::{runtime, Runtime};
+use super::task::{parse_id, run_callbacks, Job, NewTask, Outcome, Status, TaskResult, TaskState};
+use crate::tasks::backoff::{Backoff, Rng};
+use crate::tasks::pool::{Pool, Runner, WorkerSlot};
+use crate::tasks::scheduler::{Pop, Rejected, Scheduler};
+use crate::tasks::stats::{new_histogram, record_micros, RateWindow, Sample, Sampler};
+use crate::tasks::sysinfo::process_cpu_ns;
+use crate::tasks::watchdog::Watchdog;
+
+const SHARDS: usize = 16;
+/// NOTE: a worker runs ready tasks back to back for up to 2 ms under one
+/// attach; with 5 ms (CPython's switch interval) other threads waited too long.
+const BATCH_BUDGET: Duration = Duration::from_millis(2);
+const RECORD_BYTES: u64 = std::mem::size_of::<TaskState>() as u64 + 96;
+
+#[derive(Default)]
+pub struct Counters {
+    pub submitted: AtomicU64,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub retried: AtomicU64,
+    pub timed_out: AtomicU64,
+    pub rejected: AtomicU64,
+    pub evicted: AtomicU64,
+    pub panicked: AtomicU64,
+    pub async_running: AtomicU64,
+    pub pending_bytes: AtomicU64,
+}
+
+pub(crate) struct Retention {
+    pub(crate) order: VecDeque<(Instant, u64, u64)>,
+    pub(crate) bytes: u64,
+}
+
+pub(crate) struct Defaults {
+    pub(crate) lane: usize,
+    pub(crate) delay: Duration,
+    pub(crate) max_retries: u32,
+    pub(crate) timeout: Option<Duration>,
+}
+
+pub struct Shared {
+    pub(crate) me: Weak<Shared>,
+    pub(crate) origin: Instant,
+    pub(crate) prefix: u32,
+    pub(crate) next_seq: AtomicU64,
+    pub(crate) next_token: AtomicU64,
+    pub(crate) sched: Arc<Scheduler<Job>>,
+    pub(crate) watchdog: Arc<Watchdog>,
+    pub(crate) pool: Mutex<Option<Arc<Pool<Job>>>>,
+    pub(crate) backoff: Backoff,
+    pub(crate) rng: Mutex<Rng>,
+    pub(crate) defaults: Defaults,
+    pub(crate) counters: Counters,
+    pub(crate) registry: Vec<Mutex<HashMap<u64, Job>>>,
+    pub(crate) retention: Mutex<Retention>,
+    pub(crate) pool_bytes: u64,
+    pub(crate) result_ttl: Duration,
+    pub(crate) queue_size: usize,
+    pub(crate) rate: Mutex<RateWindow>,
+    pub(crate) async_histogram: Mutex<Histogram<u64>>,
+    pub(crate) sampler: Mutex<Sampler>,
+    pub(crate) aio: Mutex<Option<Py<PyAny>>>,
+    pub(crate) profiling: bool,
+    /// Per-function run times and failures, kept when profiling is on.
+    pub(crate) profile: Mutex<HashMap<String, (Histogram<u64>, u64)>>,
+}
+
+/// `module.qualname` of a callable, as tasks are registered and profiled by.
+pub fn import_name(func: &Bound<'_, PyAny>) -> String {
+    let part = |attr: &str| {
+        func.getattr(attr)
+            .ok()
+            .and_then(|v| v.extract::<String>().ok())
+    };
+    match (part("__module__"), part("__qualname__")) {
+        (Some(m), Some(q)) => format!("{m}.{q}"),
+        (None, Some(q)) => q,
+        _ => describe(func),
+    }
+}
+
+/// Whether a returned value must be awaited: coroutines and other awaitables.
+fn is_awaitable(rt: &Runtime, value: &Bound<'_, PyAny>) -> bool {
+    if value.is_none()
+        || value.is_exact_instance_of::<PyDict>()
+        || value.is_exact_instance_of::<PyString>()
+        || value.is_exact_instance_of::<PyInt>()
+        || value.is_exact_instance_of::<PyList>()
+        || value.is_exact_instance_of::<PyFloat>()
+        || value.is_exact_instance_of::<PyBool>()
+        || value.is_exact_instance_of::<PyTuple>()
+    {
+        return false;
+    }
+    let ty = value.get_type();
+    ty.is(rt.coroutine_type.bind(value.py())) || ty.hasattr("__await__").unwrap_or(false)
+}
+
+impl Shared {
+    pub(crate) fn now_ns(&self) -> u64 {
+        (self.origin.elapsed().as_nanos() as u64).max(1)
+    }
+
+    pub(crate) fn shard(&self, seq: u64) -> &Mutex<HashMap<u64, Job>> {
+        &self.registry[(seq % SHARDS as u64) as usize]
+    }
+
+    pub fn lookup(&self, id: &str) -> Option<Job> {
+        let seq = parse_id(id, self.prefix)?;
+        self.shard(seq).lock().get(&seq).cloned()
+    }
+
+    pub fn pool(&self) -> Option<Arc<Pool<Job>>> {
+        self.pool.lock().clone()
+    }
+
+    pub fn retained(&self) -> (usize, u64) {
+        let r = self.retention.lock();
+        (r.order.len(), r.bytes)
+    }
+
+    /// Drops finished records past the TTL or beyond the memory budget.
+    pub fn evict(&self, now: Instant) {
+        let mut gone = Vec::new();
+        {
+            let mut r = self.retention.lock();
+            while let Some(&(at, seq, bytes)) = r.order.front() {
+                let expired = now.saturating_duration_since(at) >= self.result_ttl;
+                if !expired && r.bytes <= self.pool_bytes {
+                    break;
+                }
+                r.order.pop_front();
+                r.bytes = r.bytes.saturating_sub(bytes);
+                gone.push(seq);
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        self.counters.evicted.fetch_add(gone.len() as u64, SeqCst);
+        let removed: Vec<Job> = gone
+            .into_iter()
+            .filter_map(|seq| self.shard(seq).lock().remove(&seq))
+            .collect();
+        drop(removed);
+    }
+
+    fn retain(&self, py: Python<'_>, job: &Job) {
+        let bytes = RECORD_BYTES + job.result_size(py);
+        let now = Instant::now();
+        {
+            let mut r = self.retention.lock();
+            r.order.push_back((now, job.seq, bytes));
+            r.bytes += bytes;
+        }
+        self.evict(now);
+    }
+
+    pub(crate) fn parse_lane(&self, rt: &Runtime, priority: &Bound<'_, PyAny>) -> Result<usize> {
+        rt.priorities
+            .iter()
+            .position(|p| p.bind(priority.py()).is(priority))
+            .ok_or_else(|| {
+                Error::WrongType("priority", "a TaskPriority member", describe(priority))
+            })
+    }
+
+    /// Starts the task's attempt and runs it on this worker thread.
+    fn run_one(&self, py: Python<'_>, rt: &Runtime, slot: &WorkerSlot, job: Job) {
+        let Some(attempt) = job.begin(self.now_ns()) else {
+            self.sched.finish(1);
+            return;
+        };
+        let Some((func, args, kwargs, no_retry)) = job.call_parts(py) else {
+            self.sched.finish(1);
+            return;
+        };
+        let token = self.next_token.fetch_add(1, SeqCst);
+        if let Some(limit) = job.timeout {
+            self.watchdog.arm(&slot.deadline, limit, token);
+        }
+        let profiled = self.profiling.then(|| import_name(func.bind(py)));
+        let started = Instant::now();
+        let result = func
+            .bind(py)
+            .call(args.bind(py), kwargs.as_ref().map(|k| k.bind(py)));
+        if job.timeout.is_some() {
+            self.watchdog.disarm(&slot.deadline);
+            if slot.deadline.take_fired() == token {
+                // NOTE: the interrupt may still be pending if the call returned
+                // before Python checked for it; clear it so it cannot hit the
+                // next task on this thread.
+                // SAFETY: attached; a null exception clears the pending one.
+                unsafe {
+                    pyo3::ffi::PyThreadState_SetAsyncExc(
+                        slot.ident.load(SeqCst) as std::os::raw::c_long,
+                        std::ptr::null_mut(),
+                    );
+                }
+            }
+        }
+        if let Some(name) = profiled {
+            self.record_profile(name, started.elapsed(), result.is_err());
+        }
+        match result {
+            Ok(value) if is_awaitable(rt, &value) => self.start_async(py, rt, job, value, attempt),
+            Ok(value) => {
+                record_micros(&mut slot.histogram.lock(), started.elapsed());
+                self.complete(
+                    py,
+                    job,
+                    Status::Completed,
+                    Outcome::Value(value.unbind()),
+                    true,
+                );
+            }
+            Err(err) => {
+                record_micros(&mut slot.histogram.lock(), started.elapsed());
+                let exc = self.attempt_error(py, rt, &job, err);
+                self.fail_attempt(py, rt, job, exc, no_retry);
+            }
+        }
+    }
+
+    fn record_profile(&self, name: String, took: Duration, failed: bool) {
+        let mut profile = self.profile.lock();
+        let entry = match profile.get_mut(&name) {
+            Some(e) => e,
+            None => match new_histogram() {
+                Ok(h) => profile.entry(name).or_insert((h, 0)),
+                Err(_) => return,
+            },
+        };
+        record_micros(&mut entry.0, took);
+        entry.1 += u64::from(failed);
+    }
+
+    /// Turns a worker-thread interrupt into `TaskTimeoutError`.
+    fn attempt_error<'py>(
+        &self,
+        py: Python<'py>,
+        rt: &Runtime,
+        job: &Job,
+        err: PyErr,
+    ) -> Bound<'py, PyAny> {
+        if err.is_instance(py, rt.interrupt.bind(py)) {
+            self.timeout_error(py, rt, job)
+        } else {
+            err.into_value(py).into_bound(py).into_any()
+        }
+    }
+
+    fn timeout_error<'py>(&self, py: Python<'py>, rt: &Runtime, job: &Job) -> Bound<'py, PyAny> {
+        self.counters.timed_out.fetch_add(1, SeqCst);
+        let ms = job.timeout.map_or(0, |t| t.as_millis());
+        rt.make_error(
+            py,
+            &rt.timeout_error,
+            format!("task {} exceeded its timeout of {ms} ms", job.id()),
+        )
+    }
+
+    /// Hands a coroutine (or other awaitable) to the engine's event loop.
+    fn start_async(
+        &self,
+        py: Python<'_>,
+        rt: &Runtime,
+        job: Job,
+        awaitable: Bound<'_, PyAny>,
+        attempt: u32,
+    ) {
+        let submitted = self.event_loop(py, rt).and_then(|aio| {
+            let done = Py::new(
+                py,
+                AsyncDone {
+                    shared: self.me.clone(),
+                    job: job.clone(),
+                    attempt,
+                    started: Instant::now(),
+                },
+            )?;
+            let timeout = job.timeout.map(|t| t.as_secs_f64());
+            aio.bind(py)
+                .call_method1("submit", (awaitable, timeout, done))?;
+            Ok(())
+        });
+        match submitted {
+            Ok(()) => {
+                self.counters.async_running.fetch_add(1, SeqCst);
+            }
+            Err(err) => {
+                let exc = err.into_value(py).into_bound(py).into_any();
+                self.fail_attempt(py, rt, job, exc, None);
+            }
+        }
+    }
+
+    fn event_loop(&self, py: Python<'_>, rt: &Runtime) -> PyResult<Py<PyAny>> {
+        if let Some(l) = self.aio.lock().as_ref() {
+            return Ok(l.clone_ref(py));
+        }
+        // NOTE: created without holding the lock: starting the loop thread
+        // releases the GIL, and a worker blocked on the lock holding the GIL
+        // would deadlock with it.
+        let created = rt.event_loop.bind(py).call0()?.unbind();
+        let mut aio = self.aio.lock();
+        match aio.as_ref() {
+            Some(existing) => {
+                let existing = existing.clone_ref(py);
+                drop(aio);
+                created.bind(py).call_method1("stop", (0.0,))?;
+                Ok(existing)
+            }
+            None => {
+                *aio = Some(created.clone_ref(py));
+                Ok(created)
+            }
+        }
+    }
+
+    /// A failed attempt: retry with backoff if allowed, else fail the task.
+    fn fail_attempt(
+        &self,
+        py: Python<'_>,
+        rt: &Runtime,
+        job: Job,
+        exc: Bound<'_, PyAny>,
+        no_retry: Option<Py<PyAny>>,
+    ) {
+        job.push_error(exc.clone().unbind());
+        let attempts = job.attempts();
+        let retryable = exc.is_instance_of::<pyo3::exceptions::PyException>()
+            && !exc.is_instance(rt.non_retryable.bind(py)).unwrap_or(false)
+            && !no_retry
+                .as_ref()
+                .is_some_and(|types| exc.is_instance(types.bind(py)).unwrap_or(false));
+        if retryable && attempts <= job.max_retries {
+            let delay = self.backoff.delay(attempts, &mut self.rng.lock());
+            job.set_status(Status::Retrying);
+            match self.sched.retry(job.lane, job.clone(), delay) {
+                Ok(()) => {
+                    self.counters.retried.fetch_add(1, SeqCst);
+                    return;
+                }
+                Err(_) => job.set_status(Status::Running),
+            }
+        }
+        self.complete(py, job, Status::Failed, Outcome::Error(exc.unbind()), true);
+    }
+
+    /// Records a final state, then runs callbacks outside every lock.
+    pub fn complete(
+        &self,
+        py: Python<'_>,
+        job: Job,
+        status: Status,
+        outcome: Outcome,
+        in_flight: bool,
+    ) {
+        let (callbacks, call) = job.finish(status, outcome);
+        drop(call);
+        match status {
+            Status::Completed => self.counters.completed.fetch_add(1, SeqCst),
+            Status::Failed => self.counters.failed.fetch_add(1, SeqCst),
+            _ => self.counters.cancelled.fetch_add(1, SeqCst),
+        };
+        self.counters.pending_bytes.fetch_sub(job.footprint, SeqCst);
+        if status != Status::Cancelled {
+            self.rate.lock().record(1, Instant::now());
+        }
+        if in_flight {
+            self.sched.finish(1);
+        }
+        self.retain(py, &job);
+        if !callbacks.is_empty() {
+            match Bound::new(py, TaskResult::new(job, Weak::new())) {
+                Ok(handle) => run_callbacks(py, &handle, callbacks),
+                Err(err) => err.print(py),
+            }
+        }
+    }
+
+    pub fn cancel(&self, py: Python<'_>, job: &Job) -> PyResult<bool> {
+        let Some(taken) = self.sched.cancel(job.lane, |j| Arc::ptr_eq(j, job)) else {
+            return Ok(false);
+        };
+        let rt = runtime(py)?;
+        let exc = rt.make_error(
+            py,
+            &rt.cancelled_error,
+            format!("task {} was cancelled", job.id()),
+        );
+        self.complete(
+            py,
+            taken,
+            Status::Cancelled,
+            Outcome::Cancelled(exc.unbind()),
+            false,
+        );
+        Ok(true)
+    }
+
+    pub(crate) fn submit(self: &Arc<Self>, task: NewTask, delay: Duration) -> Result<Job> {
+        let footprint = task.footprint;
+        let seq = task.seq;
+        let job = Arc::new(TaskState::new(task));
+        self.shard(seq).lock().insert(seq, job.clone());
+        match self.sched.submit(job.lane, job.clone(), delay) {
+            Ok(all_busy) => {
+                self.counters.submitted.fetch_add(1, SeqCst);
+                self.counters.pending_bytes.fetch_add(footprint, SeqCst);
+                if all_busy {
+                    if let Some(pool) = self.pool() {
+                        pool.maybe_grow();
+                    }
+                }
+                Ok(job)
+            }
+            Err(rejected) => {
+                let removed = self.shard(seq).lock().remove(&seq);
+                drop(removed);
+                match rejected {
+                    Rejected::Full(item, capacity) => {
+                        drop(item);
+                        self.counters.rejected.fetch_add(1, SeqCst);
+                        Err(Error::QueueFull(capacity))
+                    }
+                    Rejected::Closed(item) => {
+                        drop(item);
+                        Err(Error::ShutDown)
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn sample(&self, pool_cpu: u64, busy_ns: u64) -> Sample {
+        Sample {
+            at: Instant::now(),
+            busy_ns,
+            worker_cpu_ns: pool_cpu,
+            process_cpu_ns: process_cpu_ns(),
+        }
+    }
+}
+
+impl Runner<Job> for Shared {
+    fn run(&self, slot: &WorkerSlot, first: Job, more: &mut dyn FnMut() -> Option<Job>) {
+        Python::attach(|py| {
+            let Ok(rt) = runtime(py) else {
+                self.sched.finish(1);
+                return;
+            };
+            let started = Instant::now();
+            let mut job = first;
+            loop {
+                let held = job.clone();
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.run_one(py, rt, slot, job)
+                }));
+                if let Err(panic) = outcome {
+                    self.counters.panicked.fetch_add(1, SeqCst);
+                    let msg = crate::tasks::pool::panic_message(panic.as_ref());
+                    let exc = rt.make_error(
+                        py,
+                        &rt.panic_error,
+                        format!("catzilla panicked while running task {}: {msg}", held.id()),
+                    );
+                    if !held.status().is_final() {
+                        self.complete(py, held, Status::Failed, Outcome::Error(exc.unbind()), true);
+                    }
+                }
+                if started.elapsed() >= BATCH_BUDGET {
+                    break;
+                }
+                match more() {
+                    Some(next) => job = next,
+                    None => break,
+                }
+            }
+        });
+    }
+
+    fn thread_main(&self, slot: &WorkerSlot, body: &mut dyn FnMut()) {
+        // NOTE: the worker stays attached for its whole life and detaches only
+        // to wait, so its Python thread state (and threading.local data)
+        // persists, and timeouts can target it by thread id.
+        Python::attach(|_py| {
+            // SAFETY: reads the calling thread's id; no preconditions.
+            let ident = unsafe { pyo3::ffi::PyThread_get_thread_ident() };
+            slot.ident.store(ident as u64, SeqCst);
+            body();
+        });
+    }
+
+    fn wait(&self, pop: &(dyn Fn() -> Pop<Job> + Sync)) -> Pop<Job> {
+        Python::attach(|py| py.detach(pop))
+    }
+
+    fn panicked(&self, message: String) {
+        self.counters.panicked.fetch_add(1, SeqCst);
+        Python::attach(|py| {
+            if let Ok(rt) = runtime(py) {
+                rt.log(
+                    py,
+                    "error",
+                    format!("worker recovered from a panic: {message}"),
+                    None,
+                );
+            }
+        });
+    }
+}
+
+/// Completion of a coroutine task, called on the event loop thread.
+#[pyclass(frozen, module = "catzilla._catzilla")]
+pub struct AsyncDone {
+    shared: Weak<Shared>,
+    job: Job,
+    attempt: u32,
+    started: Instant,
+}
+
+/// Outcome codes passed by `catzilla._aio` to `AsyncDone`.
+const AIO_OK: u8 = 0;
+const AIO_ERROR: u8 = 1;
+const AIO_TIMEOUT: u8 = 2;
+
+#[pymethods]
+impl AsyncDone {
+    fn __call__(&self, py: Python<'_>, kind: u8, value: Bound<'_, PyAny>) -> PyResult<()> {
+        match self.shared.upgrade() {
+            Some(shared) => shared.async_done(py, self, kind, value),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Shared {
+    fn async_done(
+        &self,
+        py: Python<'_>,
+        done: &AsyncDone,
+        kind: u8,
+        value: Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let rt = runtime(py)?;
+        self.counters.async_running.fetch_sub(1, SeqCst);
+        record_micros(&mut self.async_histogram.lock(), done.started.elapsed());
+        let job = done.job.clone();
+        if job.attempts() != done.attempt {
+            return Ok(());
+        }
+        match kind {
+            AIO_OK => self.complete(
+                py,
+                job,
+                Status::Completed,
+                Outcome::Value(value.unbind()),
+                true,
+            ),
+            AIO_TIMEOUT => {
+                let exc = self.timeout_error(py, rt, &job);
+                let no_retry = job.call_parts(py).and_then(|p| p.3);
+                self.fail_attempt(py, rt, job, exc, no_retry);
+            }
+            AIO_ERROR => {
+                let no_retry = job.call_parts(py).and_then(|p| p.3);
+                self.fail_attempt(py, rt, job, value, no_retry);
+            }
+            _ => {
+                let exc = rt.make_error(
+                    py,
+                    &rt.cancelled_error,
+                    format!(
+                        "task {} was cancelled while it ran on the event loop",
+                        job.id()
+                    ),
+                );
+                self.complete(
+                    py,
+                    job,
+                    Status::Cancelled,
+                    Outcome::Cancelled(exc.unbind()),
+                    true,
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,108 @@
+//! Every error the native module raises, mapped to Python in one place.
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use super::runtime::runtime;
+
+/// The errors of the native layer. Python exception classes live in
+/// `catzilla.errors`; this is the only place that turns errors into them.
+#[derive(Debug)]
+pub enum Error {
+    /// An argument of the wrong type: (argument, expectation, what was given).
+    WrongType(&'static str, &'static str, String),
+    /// An argument with a bad value: (argument, what is wrong).
+    BadValue(&'static str, String),
+    QueueFull(usize),
+    ShutDown,
+    NotReady(String),
+    Timeout(String),
+    /// `catzilla.background_tasks` was not imported before the native module was used.
+    NotInitialized,
+    /// Starting an OS thread failed.
+    Thread(std::io::Error),
+    Internal(String),
+    Python(PyErr),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<PyErr> for Error {
+    fn from(e: PyErr) -> Self {
+        Error::Python(e)
+    }
+}
+
+impl From<hdrhistogram::CreationError> for Error {
+    fn from(e: hdrhistogram::CreationError) -> Self {
+        Error::Internal(format!("histogram: {e:?}"))
+    }
+}
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> Self {
+        Python::attach(|py| to_pyerr(py, e))
+    }
+}
+
+fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
+    let custom = |pick: fn(&super::runtime::Runtime) -> &Py<PyAny>, msg: String| match runtime(py) {
+        Ok(rt) => match pick(rt).bind(py).call1((msg.clone(),)) {
+            Ok(exc) => PyErr::from_value(exc),
+            Err(err) => err,
+        },
+        Err(_) => PyRuntimeError::new_err(msg),
+    };
+    match e {
+        Error::WrongType(arg, expected, got) => {
+            PyTypeError::new_err(format!("{arg} must be {expected}, got {got}"))
+        }
+        Error::BadValue(arg, what) => PyValueError::new_err(format!("{arg} {what}")),
+        Error::QueueFull(capacity) => custom(
+            |rt| &rt.queue_full_error,
+            format!(
+                "task queue is full: {capacity} tasks are waiting (queue_size={capacity}); \
+                 retry later or raise queue_size"
+            ),
+        ),
+        Error::ShutDown => custom(
+            |rt| &rt.shutdown_error,
+            "the background task engine is shut down and accepts no new tasks".to_string(),
+        ),
+        Error::NotReady(id) => custom(
+            |rt| &rt.not_ready_error,
+            format!("task {id} has not finished yet"),
+        ),
+        Error::Timeout(msg) => pyo3::exceptions::PyTimeoutError::new_err(msg),
+        Error::NotInitialized => PyRuntimeError::new_err(
+            "catzilla's native module is not initialised; import catzilla.background_tasks first",
+        ),
+        Error::Thread(err) => {
+            PyRuntimeError::new_err(format!("could not start a worker thread: {err}"))
+        }
+        Error::Internal(msg) => PyRuntimeError::new_err(format!("catzilla internal error: {msg}")),
+        Error::Python(err) => err,
+    }
+}
+
+/// Describes a Python value for an error message: its type and a short repr.
+pub fn describe(value: &Bound<'_, PyAny>) -> String {
+    let ty = value
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let mut repr = value
+        .repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| "<unrepresentable>".into());
+    if repr.len() > 60 {
+        let cut = (0..=60)
+            .rev()
+            .find(|i| repr.is_char_boundary(*i))
+            .unwrap_or(0);
+        repr.truncate(cut);
+        repr.push_str("...");
+    }
+    format!("{ty} {repr}")
+}

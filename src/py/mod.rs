@@ -1,0 +1,19 @@
+//! The PyO3 layer: adapts the pure core in `tasks` to Python.
+
+pub mod background;
+pub mod engine;
+pub mod errors;
+pub mod runtime;
+pub mod stats;
+pub mod task;
+
+use pyo3::prelude::*;
+
+pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<background::Engine>()?;
+    m.add_class::<task::TaskResult>()?;
+    m.add_class::<stats::EngineStats>()?;
+    m.add_class::<engine::AsyncDone>()?;
+    m.add_function(wrap_pyfunction!(runtime::_init_runtime, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! Python objects the native layer needs, handed over once by
+//! `catzilla.background_tasks` at import: enums, exception classes, helpers.
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyDict;
+
+use super::errors::{Error, Result};
+
+pub struct Runtime {
+    pub priorities: Vec<Py<PyAny>>,
+    pub statuses: Vec<Py<PyAny>>,
+    pub queue_full_error: Py<PyAny>,
+    pub shutdown_error: Py<PyAny>,
+    pub not_ready_error: Py<PyAny>,
+    pub timeout_error: Py<PyAny>,
+    pub cancelled_error: Py<PyAny>,
+    pub panic_error: Py<PyAny>,
+    pub interrupt: Py<PyAny>,
+    pub non_retryable: Py<PyAny>,
+    pub task_function_type: Py<PyAny>,
+    pub coroutine_type: Py<PyAny>,
+    pub getsizeof: Py<PyAny>,
+    pub event_loop: Py<PyAny>,
+    pub report: Py<PyAny>,
+    pub await_result: Py<PyAny>,
+}
+
+static RUNTIME: PyOnceLock<Runtime> = PyOnceLock::new();
+
+pub fn runtime(py: Python<'_>) -> Result<&'static Runtime> {
+    RUNTIME.get(py).ok_or(Error::NotInitialized)
+}
+
+fn item(spec: &Bound<'_, PyDict>, key: &str) -> PyResult<Py<PyAny>> {
+    spec.get_item(key)?
+        .map(Bound::unbind)
+        .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(format!("runtime spec lacks {key:?}")))
+}
+
+fn items(spec: &Bound<'_, PyDict>, key: &str) -> PyResult<Vec<Py<PyAny>>> {
+    let seq = item(spec, key)?;
+    seq.bind(spec.py())
+        .try_iter()?
+        .map(|v| v.map(Bound::unbind))
+        .collect()
+}
+
+/// Called once by `catzilla.background_tasks`; later calls are ignored.
+#[pyfunction]
+pub fn _init_runtime(spec: &Bound<'_, PyDict>) -> PyResult<()> {
+    let py = spec.py();
+    let rt = Runtime {
+        priorities: items(spec, "priorities")?,
+        statuses: items(spec, "statuses")?,
+        queue_full_error: item(spec, "TaskQueueFullError")?,
+        shutdown_error: item(spec, "EngineShutdownError")?,
+        not_ready_error: item(spec, "TaskNotReadyError")?,
+        timeout_error: item(spec, "TaskTimeoutError")?,
+        cancelled_error: item(spec, "TaskCancelledError")?,
+        panic_error: item(spec, "TaskPanicError")?,
+        interrupt: item(spec, "TaskInterrupt")?,
+        non_retryable: item(spec, "NonRetryableError")?,
+        task_function_type: item(spec, "TaskFunction")?,
+        coroutine_type: item(spec, "CoroutineType")?,
+        getsizeof: item(spec, "getsizeof")?,
+        event_loop: item(spec, "EventLoopThread")?,
+        report: item(spec, "report")?,
+        await_result: item(spec, "await_result")?,
+    };
+    if rt.priorities.len() != 4 || rt.statuses.len() != super::task::STATUS_COUNT {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "runtime spec: expected 4 priorities and 7 statuses",
+        ));
+    }
+    let _ = RUNTIME.set(py, rt);
+    Ok(())
+}
+
+impl Runtime {
+    /// Logs through the `catzilla.tasks` logger: `level` is a `logging` level name.
+    pub fn log(
+        &self,
+        py: Python<'_>,
+        level: &str,
+        message: String,
+        exc: Option<&Bound<'_, PyAny>>,
+    ) {
+        let exc = exc.map(|e| e.clone().unbind()).unwrap_or_else(|| py.None());
+        if let Err(err) = self.report.bind(py).call1((level, message, exc)) {
+            err.print(py);
+        }
+    }
+
+    pub fn make_error<'py>(
+        &self,
+        py: Python<'py>,
+        class: &Py<PyAny>,
+        message: String,
+    ) -> Bound<'py, PyAny> {
+        match class.bind(py).call1((message,)) {
+            Ok(exc) => exc,
+            Err(err) => err.into_value(py).into_bound(py).into_any(),
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! One task's shared state, and `TaskResult`, the handle Python code holds.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::SeqCst};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use super::engine::Shared;
+use super::errors::{describe, Error};
+use super::runtime::runtime;
+
+pub const STATUS_COUNT: usize = 7;
+
+/// Where a task stands; the numbers index `TaskStatus` members in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Pending = 0,
+    Scheduled = 1,
+    Running = 2,
+    Retrying = 3,
+    Completed = 4,
+    Failed = 5,
+    Cancelled = 6,
+}
+
+impl Status {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Status::Pending,
+            1 => Status::Scheduled,
+            2 => Status::Running,
+            3 => Status::Retrying,
+            4 => Status::Completed,
+            5 => Status::Failed,
+            _ => Status::Cancelled,
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+
+    fn is_waiting(self) -> bool {
+        matches!(self, Status::Pending | Status::Scheduled | Status::Retrying)
+    }
+}
+
+/// What to call, released as soon as the task reaches a final state.
+pub struct Call {
+    pub func: Py<PyAny>,
+    pub args: Py<PyTuple>,
+    pub kwargs: Option<Py<PyDict>>,
+    /// Exception classes that fail the task at once, from `@task(no_retry_for=...)`.
+    pub no_retry: Option<Py<PyAny>>,
+}
+
+pub enum Outcome {
+    Pending,
+    Value(Py<PyAny>),
+    Error(Py<PyAny>),
+    Cancelled(Py<PyAny>),
+}
+
+struct Inner {
+    call: Option<Call>,
+    outcome: Outcome,
+    errors: Vec<Py<PyAny>>,
+    callbacks: Vec<Py<PyAny>>,
+}
+
+pub struct TaskState {
+    pub seq: u64,
+    pub prefix: u32,
+    pub lane: usize,
+    pub max_retries: u32,
+    pub timeout: Option<Duration>,
+    pub created: Instant,
+    /// Estimated bytes this task holds while it is not finished.
+    pub footprint: u64,
+    status: AtomicU8,
+    attempts: AtomicU32,
+    started_ns: AtomicU64,
+    inner: Mutex<Inner>,
+    done: Condvar,
+}
+
+pub type Job = Arc<TaskState>;
+
+/// The function, arguments, keyword arguments and no-retry exception classes of a call.
+pub type CallParts = (
+    Py<PyAny>,
+    Py<PyTuple>,
+    Option<Py<PyDict>>,
+    Option<Py<PyAny>>,
+);
+
+pub fn format_id(prefix: u32, seq: u64) -> String {
+    format!("{prefix:08x}{seq:012x}")
+}
+
+/// The sequence number inside a task id made by this engine (`prefix`).
+pub fn parse_id(id: &str, prefix: u32) -> Option<u64> {
+    if id.len() != 20 || !id.is_ascii() {
+        return None;
+    }
+    let p = u32::from_str_radix(&id[..8], 16).ok()?;
+    let seq = u64::from_str_radix(&id[8..], 16).ok()?;
+    (p == prefix).then_some(seq)
+}
+
+pub struct NewTask {
+    pub seq: u64,
+    pub prefix: u32,
+    pub lane: usize,
+    pub max_retries: u32,
+    pub timeout: Option<Duration>,
+    pub delayed: bool,
+    pub footprint: u64,
+    pub call: Call,
+}
+
+impl TaskState {
+    pub fn new(t: NewTask) -> Self {
+        let status = if t.delayed {
+            Status::Scheduled
+        } else {
+            Status::Pending
+        };
+        Self {
+            seq: t.seq,
+            prefix: t.prefix,
+            lane: t.lane,
+            max_retries: t.max_retries,
+            timeout: t.timeout,
+            created: Instant::now(),
+            footprint: t.footprint,
+            status: AtomicU8::new(status as u8),
+            attempts: AtomicU32::new(0),
+            started_ns: AtomicU64::new(0),
+            inner: Mutex::new(Inner {
+                call: Some(t.call),
+                outcome: Outcome::Pending,
+                errors: Vec::new(),
+                callbacks: Vec::new(),
+            }),
+            done: Condvar::new(),
+        }
+    }
+
+    pub fn id(&self) -> String {
+        format_id(self.prefix, self.seq)
+    }
+
+    pub fn status(&self) -> Status {
+        Status::from_u8(self.status.load(SeqCst))
+    }
+
+    pub fn set_status(&self, s: Status) {
+        self.status.store(s as u8, SeqCst);
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempts.load(SeqCst)
+    }
+
+    /// Moves a waiting task to running and counts the attempt; false if it
+    /// was cancelled or finished meanwhile.
+    pub fn begin(&self, started_ns: u64) -> Option<u32> {
+        let cur = self.status.load(SeqCst);
+        if !Status::from_u8(cur).is_waiting() {
+            return None;
+        }
+        self.status
+            .compare_exchange(cur, Status::Running as u8, SeqCst, SeqCst)
+            .ok()?;
+        self.started_ns.store(started_ns, SeqCst);
+        Some(self.attempts.fetch_add(1, SeqCst) + 1)
+    }
+
+    pub fn started_ns(&self) -> u64 {
+        self.started_ns.load(SeqCst)
+    }
+
+    /// The callable and its arguments, for one attempt.
+    pub fn call_parts(&self, py: Python<'_>) -> Option<CallParts> {
+        let inner = self.inner.lock();
+        inner.call.as_ref().map(|c| {
+            (
+                c.func.clone_ref(py),
+                c.args.clone_ref(py),
+                c.kwargs.as_ref().map(|k| k.clone_ref(py)),
+                c.no_retry.as_ref().map(|k| k.clone_ref(py)),
+            )
+        })
+    }
+
+    pub fn push_error(&self, exc: Py<PyAny>) {
+        self.inner.lock().errors.push(exc);
+    }
+
+    /// Records the final outcome, wakes waiters and hands back the
+    /// callbacks to run. Released objects are dropped by the caller, after
+    /// the lock is gone, since dropping them may run Python code.
+    pub fn finish(&self, status: Status, outcome: Outcome) -> (Vec<Py<PyAny>>, Option<Call>) {
+        let mut inner = self.inner.lock();
+        if self.status().is_final() {
+            return (Vec::new(), None);
+        }
+        inner.outcome = outcome;
+        let call = inner.call.take();
+        let callbacks = std::mem::take(&mut inner.callbacks);
+        self.set_status(status);
+        drop(inner);
+        self.done.notify_all();
+        (callbacks, call)
+    }
+
+    /// Shallow size of the stored result, from `sys.getsizeof`.
+    pub fn result_size(&self, py: Python<'_>) -> u64 {
+        let inner = self.inner.lock();
+        let value = match &inner.outcome {
+            Outcome::Value(v) | Outcome::Error(v) | Outcome::Cancelled(v) => v.clone_ref(py),
+            Outcome::Pending => return 0,
+        };
+        drop(inner);
+        runtime(py)
+            .ok()
+            .and_then(|rt| rt.getsizeof.bind(py).call1((value,)).ok())
+            .and_then(|n| n.extract::<u64>().ok())
+            .unwrap_or(0)
+    }
+
+    fn outcome(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let inner = self.inner.lock();
+        match &inner.outcome {
+            Outcome::Value(v) => Ok(v.clone_ref(py)),
+            Outcome::Error(e) | Outcome::Cancelled(e) => {
+                Err(PyErr::from_value(e.clone_ref(py).into_bound(py)))
+            }
+            Outcome::Pending => Err(Error::NotReady(self.id()).into()),
+        }
+    }
+}
+
+#[pyclass(frozen, module = "catzilla._catzilla")]
+pub struct TaskResult {
+    pub state: Job,
+    pub shared: Weak<Shared>,
+}
+
+impl TaskResult {
+    pub fn new(state: Job, shared: Weak<Shared>) -> Self {
+        Self { state, shared }
+    }
+}
+
+/// Runs each callback with the task handle, logging any that raise.
+pub fn run_callbacks(py: Python<'_>, handle: &Bound<'_, TaskResult>, callbacks: Vec<Py<PyAny>>) {
+    for cb in callbacks {
+        if let Err(err) = cb.bind(py).call1((handle,)) {
+            if let Ok(rt) = runtime(py) {
+                let exc = err.into_value(py).into_bound(py).into_any();
+                rt.log(
+                    py,
+                    "error",
+                    format!(
+                        "callback {} of task {} raised",
+                        describe(cb.bind(py)),
+                        handle.get().state.id()
+                    ),
+                    Some(&exc),
+                );
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl TaskResult {
+    /// The task's unique id.
+    #[getter]
+    fn task_id(&self) -> String {
+        self.state.id()
+    }
+
+    /// The task's current `TaskStatus`.
+    #[getter]
+    fn status(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let rt = runtime(py)?;
+        Ok(rt.statuses[self.state.status() as usize].clone_ref(py))
+    }
+
+    /// The task's `TaskPriority`.
+    #[getter]
+    fn priority(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let rt = runtime(py)?;
+        Ok(rt.priorities[self.state.lane].clone_ref(py))
+    }
+
+    /// Attempts started so far.
+    #[getter]
+    fn attempts(&self) -> u32 {
+        self.state.attempts()
+    }
+
+    /// The exception of every failed attempt, oldest first.
+    #[getter]
+    fn errors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let errors: Vec<Py<PyAny>> = {
+            let inner = self.state.inner.lock();
+            inner.errors.iter().map(|e| e.clone_ref(py)).collect()
+        };
+        PyList::new(py, errors)
+    }
+
+    /// True once the task completed, failed or was cancelled.
+    fn is_ready(&self) -> bool {
+        self.state.status().is_final()
+    }
+
+    /// Blocks until the task finishes and returns its value, or raises its
+    /// final exception. Raises `TimeoutError` after `timeout` seconds.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        let deadline = match timeout {
+            Some(t) if !(t >= 0.0 && t.is_finite()) => {
+                return Err(PyValueError::new_err(format!(
+                    "timeout must be a finite number of seconds >= 0, got {t}"
+                )))
+            }
+            Some(t) => Some(Instant::now() + Duration::from_secs_f64(t)),
+            None => None,
+        };
+        loop {
+            if self.state.status().is_final() {
+                return self.state.outcome(py);
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(Error::Timeout(format!(
+                    "task {} did not finish within {} s",
+                    self.state.id(),
+                    timeout.unwrap_or_default()
+                ))
+                .into());
+            }
+            // NOTE: waits in slices so Ctrl+C (a pending signal) is seen within 100 ms.
+            let slice = now + Duration::from_millis(100);
+            let until = deadline.map_or(slice, |d| d.min(slice));
+            let state = &self.state;
+            py.detach(|| {
+                let mut inner = state.inner.lock();
+                if !state.status().is_final() {
+                    state.done.wait_until(&mut inner, until);
+                }
+            });
+            py.check_signals()?;
+        }
+    }
+
+    /// The value of a completed task; raises the final exception of a failed
+    /// or cancelled one, and `TaskNotReadyError` while it has not finished.
+    fn result(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.state.outcome(py)
+    }
+
+    /// The final exception of a failed or cancelled task, else None.
+    fn exception(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let inner = self.state.inner.lock();
+        match &inner.outcome {
+            Outcome::Error(e) | Outcome::Cancelled(e) => Some(e.clone_ref(py)),
+            _ => None,
+        }
+    }
+
+    /// Cancels the task if it has not started; returns whether it did.
+    fn cancel(&self, py: Python<'_>) -> PyResult<bool> {
+        match self.shared.upgrade() {
+            Some(shared) => shared.cancel(py, &self.state),
+            None => Ok(false),
+        }
+    }
+
+    /// Calls `fn(task_result)` once the task finishes, at once if it has.
+    fn add_callback(slf: &Bound<'_, Self>, func: &Bound<'_, PyAny>) -> PyResult<()> {
+        if !func.is_callable() {
+            return Err(Error::WrongType("callback", "callable", describe(func)).into());
+        }
+        let state = &slf.get().state;
+        {
+            let mut inner = state.inner.lock();
+            if !state.status().is_final() {
+                inner.callbacks.push(func.clone().unbind());
+                return Ok(());
+            }
+        }
+        run_callbacks(slf.py(), slf, vec![func.clone().unbind()]);
+        Ok(())
+    }
+
+    fn __await__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let rt = runtime(slf.py())?;
+        rt.await_result
+            .bind(slf.py())
+            .call1((slf,))?
+            .call_method0("__await__")
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<TaskResult {} {:?} attempts={}>",
+            self.state.id(),
+            self.state.status(),
+            self.state.attempts()
+        )
+    }
+}

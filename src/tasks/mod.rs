@@ -1,0 +1,10 @@
+//! The pure scheduling core: no Python in here, all of it covered by `cargo test`.
+
+pub mod backoff;
+pub mod lanes;
+pub mod pool;
+pub mod scheduler;
+pub mod stats;
+pub mod sysinfo;
+pub mod timer;
+pub mod watchdog;

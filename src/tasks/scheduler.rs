@@ -1,0 +1,416 @@
+//! The scheduler: priority lanes, a bounded intake, and a timer for due work.
+//!
+//! Workers block in [`Scheduler::pop`]; the timer thread runs
+//! [`Scheduler::run_timer`], sleeping until the next due time, never polling.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::lanes::{Lanes, LANES};
+use super::timer::TimerHeap;
+
+/// Why the scheduler refused work; the item comes back to the caller.
+#[derive(Debug)]
+pub enum Rejected<T> {
+    /// `capacity` tasks are already queued.
+    Full(T, usize),
+    /// Intake is closed by shutdown.
+    Closed(T),
+}
+
+/// What a waiting worker gets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pop<T> {
+    Job(T),
+    /// Nothing came within the idle timeout.
+    Idle,
+    /// The scheduler stopped; the worker should exit.
+    Stopped,
+}
+
+/// Queue sizes at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Depths {
+    pub lanes: [usize; LANES],
+    pub scheduled: usize,
+    pub in_flight: usize,
+    pub waiting_workers: usize,
+    pub promoted: u64,
+}
+
+impl Depths {
+    pub fn ready(&self) -> usize {
+        self.lanes.iter().sum()
+    }
+}
+
+struct State<T> {
+    lanes: Lanes<T>,
+    timer: TimerHeap<(usize, T)>,
+    capacity: usize,
+    in_flight: usize,
+    waiting_workers: usize,
+    intake_closed: bool,
+    stopped: bool,
+}
+
+pub struct Scheduler<T> {
+    state: Mutex<State<T>>,
+    work: Condvar,
+    timer: Condvar,
+    settled: Condvar,
+}
+
+impl<T> Scheduler<T> {
+    pub fn new(capacity: usize, starvation_after: Duration) -> Self {
+        Self {
+            state: Mutex::new(State {
+                lanes: Lanes::new(starvation_after),
+                timer: TimerHeap::default(),
+                capacity,
+                in_flight: 0,
+                waiting_workers: 0,
+                intake_closed: false,
+                stopped: false,
+            }),
+            work: Condvar::new(),
+            timer: Condvar::new(),
+            settled: Condvar::new(),
+        }
+    }
+
+    /// Queues new work, now or after `delay`. Fails when the queue holds
+    /// `capacity` tasks (ready and scheduled together) or intake is closed.
+    /// Returns whether every worker was busy, a hint to grow the pool.
+    pub fn submit(&self, lane: usize, item: T, delay: Duration) -> Result<bool, Rejected<T>> {
+        let mut st = self.state.lock();
+        if st.intake_closed {
+            return Err(Rejected::Closed(item));
+        }
+        let queued = st.lanes.total() + st.timer.len();
+        if queued >= st.capacity {
+            return Err(Rejected::Full(item, st.capacity));
+        }
+        Ok(self.enqueue(&mut st, lane, item, delay))
+    }
+
+    /// Queues a retry of work that was in flight. Retries are not bounded by
+    /// capacity: they were admitted once already. Fails only once stopped.
+    pub fn retry(&self, lane: usize, item: T, delay: Duration) -> Result<(), T> {
+        let mut st = self.state.lock();
+        if st.stopped {
+            return Err(item);
+        }
+        st.in_flight = st.in_flight.saturating_sub(1);
+        self.enqueue(&mut st, lane, item, delay);
+        Ok(())
+    }
+
+    fn enqueue(&self, st: &mut State<T>, lane: usize, item: T, delay: Duration) -> bool {
+        let now = Instant::now();
+        if delay.is_zero() {
+            st.lanes.push(lane, item, now);
+            if st.waiting_workers > 0 {
+                self.work.notify_one();
+            }
+        } else {
+            let due = now + delay;
+            let earlier = st.timer.next_due().is_none_or(|d| due < d);
+            st.timer.push(due, (lane, item));
+            if earlier {
+                self.timer.notify_one();
+            }
+        }
+        st.waiting_workers == 0
+    }
+
+    /// Blocks until work is ready, `idle` passes, or the scheduler stops.
+    /// Call it without holding the Python interpreter.
+    pub fn pop(&self, idle: Duration) -> Pop<T> {
+        let mut st = self.state.lock();
+        let deadline = Instant::now() + idle;
+        loop {
+            if st.stopped {
+                return Pop::Stopped;
+            }
+            if let Some(item) = st.lanes.pop(Instant::now()) {
+                st.in_flight += 1;
+                return Pop::Job(item);
+            }
+            st.waiting_workers += 1;
+            let timed_out = self.work.wait_until(&mut st, deadline).timed_out();
+            st.waiting_workers -= 1;
+            if timed_out && !st.stopped && st.lanes.is_empty() {
+                return Pop::Idle;
+            }
+        }
+    }
+
+    /// Takes ready work without blocking, for running tasks back to back.
+    pub fn try_pop(&self) -> Option<T> {
+        let mut st = self.state.lock();
+        if st.stopped {
+            return None;
+        }
+        let item = st.lanes.pop(Instant::now())?;
+        st.in_flight += 1;
+        Some(item)
+    }
+
+    /// Marks in-flight work as finished.
+    pub fn finish(&self, count: usize) {
+        let mut st = self.state.lock();
+        st.in_flight = st.in_flight.saturating_sub(count);
+        if st.in_flight == 0 && st.lanes.is_empty() {
+            self.settled.notify_all();
+        }
+    }
+
+    /// Removes queued work that matches, from its lane or from the timer.
+    pub fn cancel(&self, lane: usize, mut matches: impl FnMut(&T) -> bool) -> Option<T> {
+        let mut st = self.state.lock();
+        if let Some(item) = st.lanes.remove(lane, &mut matches) {
+            return Some(item);
+        }
+        st.timer
+            .remove(|(_, item)| matches(item))
+            .map(|(_, item)| item)
+    }
+
+    /// Moves due work into the lanes until [`Scheduler::stop`]; the timer thread's body.
+    pub fn run_timer(&self) {
+        let mut st = self.state.lock();
+        loop {
+            if st.stopped {
+                return;
+            }
+            let now = Instant::now();
+            let due = st.timer.pop_due(now);
+            let moved = due.len();
+            for (lane, item) in due {
+                st.lanes.push(lane, item, now);
+            }
+            if moved == 1 {
+                self.work.notify_one();
+            } else if moved > 1 {
+                self.work.notify_all();
+            }
+            match st.timer.next_due() {
+                Some(when) => {
+                    self.timer.wait_until(&mut st, when);
+                }
+                None => self.timer.wait(&mut st),
+            }
+        }
+    }
+
+    /// Stops intake: later [`Scheduler::submit`] calls fail with `Closed`.
+    pub fn close_intake(&self) {
+        self.state.lock().intake_closed = true;
+    }
+
+    /// Waits until no work is ready or in flight and nothing scheduled falls
+    /// due before `deadline`. Returns whether that state was reached.
+    pub fn wait_settled(&self, deadline: Instant) -> bool {
+        let mut st = self.state.lock();
+        loop {
+            let timer_clear = st.timer.next_due().is_none_or(|d| d > deadline);
+            if st.in_flight == 0 && st.lanes.is_empty() && timer_clear {
+                return true;
+            }
+            let wake = match st.timer.next_due() {
+                Some(d) if d < deadline => d.max(Instant::now() + Duration::from_millis(1)),
+                _ => deadline,
+            };
+            if self.settled.wait_until(&mut st, wake).timed_out() && Instant::now() >= deadline {
+                let timer_clear = st.timer.next_due().is_none_or(|d| d > deadline);
+                return st.in_flight == 0 && st.lanes.is_empty() && timer_clear;
+            }
+        }
+    }
+
+    /// Stops workers and the timer, returning everything still queued,
+    /// ready work first (highest lane first), then scheduled work by due time.
+    pub fn stop(&self) -> Vec<T> {
+        let mut st = self.state.lock();
+        st.intake_closed = true;
+        st.stopped = true;
+        let mut left = st.lanes.drain();
+        left.extend(st.timer.drain().into_iter().map(|(_, item)| item));
+        self.work.notify_all();
+        self.timer.notify_all();
+        self.settled.notify_all();
+        left
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.state.lock().stopped
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().intake_closed
+    }
+
+    pub fn depths(&self) -> Depths {
+        let st = self.state.lock();
+        let mut lanes = [0; LANES];
+        for (i, slot) in lanes.iter_mut().enumerate() {
+            *slot = st.lanes.len(i);
+        }
+        Depths {
+            lanes,
+            scheduled: st.timer.len(),
+            in_flight: st.in_flight,
+            waiting_workers: st.waiting_workers,
+            promoted: st.lanes.promoted(),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.state.lock().capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::thread;
+
+    const IDLE: Duration = Duration::from_millis(20);
+
+    fn sched(capacity: usize) -> Arc<Scheduler<u32>> {
+        Arc::new(Scheduler::new(capacity, Duration::from_secs(60)))
+    }
+
+    #[test]
+    fn submit_pop_in_priority_order() {
+        let s = sched(10);
+        s.submit(3, 3, Duration::ZERO).unwrap();
+        s.submit(0, 0, Duration::ZERO).unwrap();
+        s.submit(2, 2, Duration::ZERO).unwrap();
+        assert_eq!(s.pop(IDLE), Pop::Job(0));
+        assert_eq!(s.try_pop(), Some(2));
+        assert_eq!(s.try_pop(), Some(3));
+        assert_eq!(s.try_pop(), None);
+        assert_eq!(s.pop(IDLE), Pop::Idle);
+        assert_eq!(s.depths().in_flight, 3);
+        s.finish(3);
+        assert_eq!(s.depths().in_flight, 0);
+    }
+
+    #[test]
+    fn capacity_counts_ready_and_scheduled() {
+        let s = sched(2);
+        s.submit(2, 1, Duration::ZERO).unwrap();
+        s.submit(2, 2, Duration::from_secs(60)).unwrap();
+        match s.submit(2, 3, Duration::ZERO) {
+            Err(Rejected::Full(3, 2)) => {}
+            other => panic!("expected Full, got {other:?}"),
+        }
+        assert_eq!(s.pop(IDLE), Pop::Job(1));
+        s.submit(2, 4, Duration::ZERO).unwrap();
+        // A retry is never refused for capacity.
+        s.retry(2, 1, Duration::ZERO).unwrap();
+        assert_eq!(s.depths().ready(), 2);
+    }
+
+    #[test]
+    fn closed_intake_refuses_new_work_but_keeps_retries() {
+        let s = sched(10);
+        s.submit(2, 1, Duration::ZERO).unwrap();
+        assert_eq!(s.pop(IDLE), Pop::Job(1));
+        s.close_intake();
+        assert!(matches!(
+            s.submit(2, 2, Duration::ZERO),
+            Err(Rejected::Closed(2))
+        ));
+        s.retry(2, 1, Duration::ZERO).unwrap();
+        assert_eq!(s.pop(IDLE), Pop::Job(1));
+    }
+
+    #[test]
+    fn timer_releases_delayed_work_at_its_time() {
+        let s = sched(10);
+        let timer = {
+            let s = s.clone();
+            thread::spawn(move || s.run_timer())
+        };
+        let start = Instant::now();
+        s.submit(2, 7, Duration::from_millis(80)).unwrap();
+        s.submit(2, 5, Duration::from_millis(40)).unwrap();
+        assert_eq!(s.pop(Duration::from_secs(5)), Pop::Job(5));
+        assert!(start.elapsed() >= Duration::from_millis(40));
+        assert_eq!(s.pop(Duration::from_secs(5)), Pop::Job(7));
+        assert!(start.elapsed() >= Duration::from_millis(80));
+        s.stop();
+        timer.join().unwrap();
+    }
+
+    #[test]
+    fn waiting_worker_wakes_on_submit_and_stop() {
+        let s = sched(10);
+        let worker = {
+            let s = s.clone();
+            thread::spawn(move || {
+                (
+                    s.pop(Duration::from_secs(10)),
+                    s.pop(Duration::from_secs(10)),
+                )
+            })
+        };
+        while s.depths().waiting_workers == 0 {
+            thread::yield_now();
+        }
+        s.submit(1, 9, Duration::ZERO).unwrap();
+        while s.depths().in_flight == 0 {
+            thread::yield_now();
+        }
+        let left = s.stop();
+        assert!(left.is_empty());
+        assert_eq!(worker.join().unwrap(), (Pop::Job(9), Pop::Stopped));
+    }
+
+    #[test]
+    fn cancel_removes_from_lane_or_timer() {
+        let s = sched(10);
+        s.submit(2, 1, Duration::ZERO).unwrap();
+        s.submit(3, 2, Duration::from_secs(30)).unwrap();
+        assert_eq!(s.cancel(3, |x| *x == 2), Some(2));
+        assert_eq!(s.cancel(2, |x| *x == 1), Some(1));
+        assert_eq!(s.cancel(2, |x| *x == 1), None);
+        assert_eq!(s.depths(), Depths::default());
+    }
+
+    #[test]
+    fn stop_returns_everything_left() {
+        let s = sched(10);
+        s.submit(3, 3, Duration::ZERO).unwrap();
+        s.submit(0, 0, Duration::ZERO).unwrap();
+        s.submit(2, 9, Duration::from_secs(30)).unwrap();
+        assert_eq!(s.stop(), vec![0, 3, 9]);
+        assert_eq!(s.pop(IDLE), Pop::Stopped);
+        assert!(s.retry(2, 1, Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn wait_settled_tracks_in_flight_and_horizon() {
+        let s = sched(10);
+        s.submit(2, 1, Duration::from_secs(3600)).unwrap();
+        // Work due after the deadline does not hold shutdown.
+        assert!(s.wait_settled(Instant::now() + Duration::from_millis(10)));
+        s.submit(2, 2, Duration::ZERO).unwrap();
+        assert_eq!(s.pop(IDLE), Pop::Job(2));
+        assert!(!s.wait_settled(Instant::now() + Duration::from_millis(30)));
+        let finisher = {
+            let s = s.clone();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20));
+                s.finish(1);
+            })
+        };
+        assert!(s.wait_settled(Instant::now() + Duration::from_secs(5)));
+        finisher.join().unwrap();
+    }
+}
