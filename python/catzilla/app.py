@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ParamSpec, TypeVar, overload
 
-from .background_tasks import BackgroundTasks, EngineStats, TaskResult, task
+from .background_tasks import (
+    BackgroundTasks,
+    EngineStats,
+    TaskFunction,
+    TaskPriority,
+    TaskResult,
+    task,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Catzilla:
@@ -33,10 +43,39 @@ class Catzilla:
         """Queues ``func(*args, **kwargs)`` on the engine; see ``BackgroundTasks.add_task``."""
         return self._engine().add_task(func, *args, **kwargs)
 
-    def task(self, *args: Any, **options: Any) -> Any:
-        """The ``@task`` decorator, available once the engine is enabled."""
+    @overload
+    def task(self, func: Callable[P, R]) -> TaskFunction[P, R]: ...
+    @overload
+    def task(
+        self,
+        *,
+        priority: TaskPriority | None = None,
+        max_retries: int | None = None,
+        timeout_ms: float | None = None,
+        delay_ms: float | None = None,
+        no_retry_for: tuple[type[BaseException], ...] = (),
+    ) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
+    def task(
+        self,
+        func: Callable[..., Any] | None = None,
+        *,
+        priority: TaskPriority | None = None,
+        max_retries: int | None = None,
+        timeout_ms: float | None = None,
+        delay_ms: float | None = None,
+        no_retry_for: tuple[type[BaseException], ...] = (),
+    ) -> Any:
+        """The ``@task`` decorator (see ``catzilla.background_tasks.task``),
+        available once the engine is enabled."""
         self._engine()
-        return task(*args, **options)
+        decorate = task(
+            priority=priority,
+            max_retries=max_retries,
+            timeout_ms=timeout_ms,
+            delay_ms=delay_ms,
+            no_retry_for=no_retry_for,
+        )
+        return decorate(func) if func is not None else decorate
 
     def get_task_stats(self) -> EngineStats:
         """The engine's statistics; see ``EngineStats``."""

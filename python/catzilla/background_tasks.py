@@ -255,6 +255,9 @@ def _drain_at_exit() -> None:
 class BackgroundTasks(Engine):
     """The background task engine. See the docs for every parameter's effect."""
 
+    exit_timeout: float
+    config: dict[str, Any]
+
     def __new__(
         cls,
         workers: int | None = None,

@@ -1,0 +1,26 @@
+# Developer tasks; CI runs .ci/run.
+.PHONY: build-dev build-release format lint test bench
+
+build-dev:
+	maturin develop
+
+build-release:
+	maturin develop --release
+
+format:
+	cargo fmt
+	ruff format python tests benches examples
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	ruff check python tests benches examples
+	mypy --strict python/catzilla examples
+	python -m mypy.stubtest catzilla._catzilla --ignore-missing-stub
+
+test:
+	cargo test
+	python -m pytest -q
+
+bench: build-release
+	python benches/bench_tasks.py

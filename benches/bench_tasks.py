@@ -1,0 +1,163 @@
+"""Background task engine vs concurrent.futures.ThreadPoolExecutor, side by side.
+
+Run on a release build (``pip install .`` or ``maturin develop --release``):
+
+    python benches/bench_tasks.py            # full size
+    python benches/bench_tasks.py --quick    # a smaller, faster run
+
+Every figure is the median of several rounds; each row prints both systems and
+the ratio, so the comparison holds on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures as cf
+import statistics
+import time
+from collections.abc import Callable
+
+from catzilla.background_tasks import BackgroundTasks
+
+WORKERS = 4
+
+
+def noop() -> None:
+    return None
+
+
+def sleep_10ms() -> None:
+    time.sleep(0.01)
+
+
+async def async_sleep_10ms() -> None:
+    await asyncio.sleep(0.01)
+
+
+def engine(queue_size: int) -> BackgroundTasks:
+    return BackgroundTasks(
+        workers=WORKERS,
+        min_workers=WORKERS,
+        max_workers=WORKERS,
+        enable_auto_scaling=False,
+        queue_size=queue_size,
+        exit_timeout=5,
+    )
+
+
+def median_of(rounds: int, run: Callable[[], float]) -> float:
+    return statistics.median(run() for _ in range(rounds))
+
+
+def cz_enqueue(n: int) -> float:
+    bt = engine(n + 1)
+    add = bt.add_task
+    start = time.perf_counter()
+    results = [add(noop) for _ in range(n)]
+    took = time.perf_counter() - start
+    for r in results:
+        r.wait(60)
+    bt.shutdown(timeout=10)
+    return took
+
+
+def tpe_enqueue(n: int) -> float:
+    with cf.ThreadPoolExecutor(WORKERS) as pool:
+        submit = pool.submit
+        start = time.perf_counter()
+        futures = [submit(noop) for _ in range(n)]
+        took = time.perf_counter() - start
+        cf.wait(futures)
+    return took
+
+
+def cz_end_to_end(n: int, func: Callable[[], object] = noop) -> float:
+    bt = engine(n + 1)
+    add = bt.add_task
+    start = time.perf_counter()
+    results = [add(func) for _ in range(n)]
+    for r in results:
+        r.wait(120)
+    took = time.perf_counter() - start
+    bt.shutdown(timeout=10)
+    return took
+
+
+def tpe_end_to_end(n: int, func: Callable[[], object] = noop) -> float:
+    with cf.ThreadPoolExecutor(WORKERS) as pool:
+        start = time.perf_counter()
+        futures = [pool.submit(func) for _ in range(n)]
+        cf.wait(futures)
+        return time.perf_counter() - start
+
+
+def latencies(submit: Callable[[Callable[[], None]], object], n: int) -> list[float]:
+    """Submit n tasks 1 ms apart; each records when it started."""
+    started: list[float] = [0.0] * n
+    queued: list[float] = [0.0] * n
+    handles = []
+    for i in range(n):
+
+        def job(i: int = i) -> None:
+            started[i] = time.perf_counter()
+
+        queued[i] = time.perf_counter()
+        handles.append(submit(job))
+        time.sleep(0.001)
+    deadline = time.perf_counter() + 30
+    while any(s == 0.0 for s in started) and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    return sorted((s - q) * 1e6 for s, q in zip(started, queued, strict=True))
+
+
+def pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def row(name: str, ours: float, theirs: float, unit: str, higher_is_better: bool) -> None:
+    ratio = (ours / theirs) if higher_is_better else (theirs / ours)
+    print(f"{name:<34} {ours:>12.1f} {theirs:>12.1f} {unit:<9} {ratio:>7.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
+    args = parser.parse_args()
+    n = 20_000 if args.quick else 100_000
+    rounds = 3 if args.quick else 5
+
+    print(f"catzilla engine vs ThreadPoolExecutor({WORKERS}); median of {rounds} rounds")
+    print(f"{'benchmark':<34} {'catzilla':>12} {'TPE':>12} {'unit':<9} {'ratio':>8}")
+    print("(ratio: how many times better catzilla is; >1 means catzilla wins)")
+
+    ours = n / median_of(rounds, lambda: cz_enqueue(n))
+    theirs = n / median_of(rounds, lambda: tpe_enqueue(n))
+    row(f"enqueue {n} no-op tasks", ours, theirs, "tasks/s", True)
+
+    ours = n / median_of(rounds, lambda: cz_end_to_end(n))
+    theirs = n / median_of(rounds, lambda: tpe_end_to_end(n))
+    row(f"end-to-end {n} no-op tasks", ours, theirs, "tasks/s", True)
+
+    ours = median_of(rounds, lambda: cz_end_to_end(200, sleep_10ms)) * 1000
+    theirs = median_of(rounds, lambda: tpe_end_to_end(200, sleep_10ms)) * 1000
+    row("200 x time.sleep(10 ms)", ours, theirs, "ms", False)
+
+    ours = median_of(rounds, lambda: cz_end_to_end(200, async_sleep_10ms)) * 1000
+    tpe_async = (
+        median_of(rounds, lambda: tpe_end_to_end(200, lambda: asyncio.run(async_sleep_10ms())))
+        * 1000
+    )
+    row("200 x asyncio.sleep(10 ms)", ours, tpe_async, "ms", False)
+
+    bt = engine(10_000)
+    cz = latencies(bt.add_task, 1000)
+    bt.shutdown(timeout=10)
+    with cf.ThreadPoolExecutor(WORKERS) as pool:
+        tpe = latencies(pool.submit, 1000)
+    row("start latency p50 (1 ms spacing)", pct(cz, 0.5), pct(tpe, 0.5), "us", False)
+    row("start latency p99 (1 ms spacing)", pct(cz, 0.99), pct(tpe, 0.99), "us", False)
+
+
+if __name__ == "__main__":
+    main()

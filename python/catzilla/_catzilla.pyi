@@ -1,0 +1,154 @@
+"""Type stubs for catzilla's native module, ``catzilla._catzilla``."""
+
+from collections.abc import Callable, Generator
+from typing import Any, Self, final
+
+from typing_extensions import disjoint_base
+
+from catzilla.background_tasks import TaskPriority, TaskStatus
+
+def _init_runtime(spec: dict[str, Any]) -> None:
+    """Hands the enums, exception classes and helpers to the native layer (once)."""
+
+@final
+class TaskResult:
+    """The handle of one background task."""
+
+    @property
+    def task_id(self) -> str:
+        """The task's unique id (20 hex digits)."""
+    @property
+    def status(self) -> TaskStatus:
+        """Where the task stands now."""
+    @property
+    def priority(self) -> TaskPriority:
+        """The lane the task was queued in."""
+    @property
+    def attempts(self) -> int:
+        """Attempts started so far (1 + retries)."""
+    @property
+    def errors(self) -> list[BaseException]:
+        """The exception of every failed attempt, oldest first."""
+    def is_ready(self) -> bool:
+        """True once the task completed, failed or was cancelled."""
+    def wait(self, timeout: float | None = None) -> Any:
+        """Blocks (without holding the GIL) until the task finishes; returns its
+        value or raises its final exception. Raises ``TimeoutError`` after
+        ``timeout`` seconds, ``ValueError`` for a negative timeout."""
+    def result(self) -> Any:
+        """The value of a completed task, without blocking. Raises the final
+        exception of a failed or cancelled task, and ``TaskNotReadyError``
+        while the task has not finished."""
+    def exception(self) -> BaseException | None:
+        """The final exception of a failed or cancelled task, else None."""
+    def cancel(self) -> bool:
+        """Cancels the task if it has not started; returns whether it did."""
+    def add_callback(self, func: Callable[[TaskResult], object]) -> None:
+        """Calls ``func(self)`` once the task finishes (at once if it has). A
+        callback that raises is logged to ``catzilla.tasks``."""
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await result`` suspends until the task finishes and returns its value."""
+
+@final
+class EngineStats:
+    """One reading of the engine's statistics; docs/background-tasks.md defines each."""
+
+    critical_queue_size: int
+    high_queue_size: int
+    normal_queue_size: int
+    low_queue_size: int
+    scheduled_tasks: int
+    total_queued: int
+    queue_pressure: float
+    running_tasks: int
+    async_tasks_running: int
+    active_workers: int
+    idle_workers: int
+    total_workers: int
+    avg_worker_utilization: float
+    tasks_per_second: float
+    avg_execution_time_ms: float
+    p95_execution_time_ms: float
+    p99_execution_time_ms: float
+    memory_usage_mb: float
+    memory_efficiency: float
+    worker_cpu_usage: float
+    worker_memory_usage: float
+    engine_cpu_usage: float
+    engine_memory_usage: float
+    total_tasks_submitted: int
+    total_tasks_processed: int
+    failed_tasks: int
+    cancelled_tasks: int
+    retry_count: int
+    timeout_count: int
+    rejected_tasks: int
+    error_rate: float
+    retained_results: int
+    evicted_results: int
+    starvation_promotions: int
+    workers_started: int
+    workers_stopped: int
+    panics_contained: int
+    uptime_seconds: float
+    def to_dict(self) -> dict[str, int | float]:
+        """Every field, JSON-ready."""
+
+@disjoint_base
+class Engine:
+    """The native engine; use ``catzilla.background_tasks.BackgroundTasks``."""
+
+    def __new__(
+        cls,
+        *,
+        workers: int,
+        min_workers: int,
+        max_workers: int,
+        queue_size: int,
+        enable_auto_scaling: bool,
+        memory_pool_mb: float,
+        enable_profiling: bool,
+        result_ttl: float,
+        retry_backoff_ms: float,
+        retry_backoff_cap_ms: float,
+        starvation_ms: float,
+        idle_timeout: float,
+        default_priority: TaskPriority,
+        default_delay_ms: float,
+        default_max_retries: int,
+        default_timeout_ms: float,
+    ) -> Self: ...
+    def add_task(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        priority: TaskPriority | None = None,
+        delay_ms: float | None = None,
+        max_retries: int | None = None,
+        timeout_ms: float | None = None,
+        **kwargs: Any,
+    ) -> TaskResult:
+        """Queues ``func(*args, **kwargs)`` and returns at once. An option left as
+        None takes the engine's default (NORMAL, 0, 3, 30000 unless configured);
+        ``timeout_ms=0`` means no timeout. Raises ``TypeError`` (func, priority, numbers),
+        ``ValueError`` (negative numbers), ``TaskQueueFullError`` and
+        ``EngineShutdownError`` (a ``RuntimeError``)."""
+    def get_result(self, task_id: str) -> TaskResult | None:
+        """The handle of a task the engine still retains, else None."""
+    def get_stats(self) -> EngineStats:
+        """A snapshot of every statistic."""
+    def get_profile(self) -> dict[str, dict[str, float]]:
+        """Per-function count, failures and run times (with ``enable_profiling``)."""
+    @property
+    def is_shutdown(self) -> bool:
+        """True once ``shutdown`` has run."""
+    def shutdown(self, wait_for_completion: bool = True, timeout: float = 30.0) -> dict[str, Any]:
+        """Stops intake, lets work finish up to ``timeout`` seconds (when
+        ``wait_for_completion``), cancels and reports what never ran, and
+        stops the workers. Returns ``{"drained", "cancelled", "still_running"}``."""
+
+@final
+class AsyncDone:
+    """Reports the end of a coroutine task to the engine (internal)."""
+
+    def __call__(self, kind: int, value: Any, /) -> None: ...
