@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use super::errors::{describe, Error, Result};
-use super::runtime::{runtime, Runtime};
+use super::runtime::{runtime, ParkOnForcedUnwind, Runtime};
 use super::task::{parse_id, run_callbacks, Job, NewTask, Outcome, Status, TaskResult, TaskState};
 use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::{Pool, Runner, WorkerSlot};
@@ -472,7 +472,9 @@ impl Runner<Job> for Shared {
             loop {
                 let held = job.clone();
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.run_one(py, rt, slot, job)
+                    let guard = ParkOnForcedUnwind;
+                    self.run_one(py, rt, slot, job);
+                    guard.disarm();
                 }));
                 if let Err(panic) = outcome {
                     self.counters.panicked.fetch_add(1, SeqCst);
@@ -545,10 +547,13 @@ const AIO_TIMEOUT: u8 = 2;
 #[pymethods]
 impl AsyncDone {
     fn __call__(&self, py: Python<'_>, kind: u8, value: Bound<'_, PyAny>) -> PyResult<()> {
-        match self.shared.upgrade() {
+        let guard = ParkOnForcedUnwind;
+        let done = match self.shared.upgrade() {
             Some(shared) => shared.async_done(py, self, kind, value),
             None => Ok(()),
-        }
+        };
+        guard.disarm();
+        done
     }
 }
 

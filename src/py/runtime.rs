@@ -104,3 +104,32 @@ impl Runtime {
         }
     }
 }
+
+/// Parks the thread forever if it is unwound by something other than a Rust
+/// panic. Create it before running Python code on a thread and `disarm` it
+/// after.
+///
+/// NOTE: while the interpreter finalizes, CPython (before 3.14) ends any
+/// thread that takes the GIL back (a task returning from `time.sleep`, say)
+/// with `pthread_exit`, a forced unwind. Rust cannot catch that unwind: a
+/// `catch_unwind` on the way (ours, PyO3's or the thread's own) aborts the
+/// whole process. Parking here stops the unwind before any of them; the
+/// process is exiting anyway. PyO3 does the same in its own attach paths.
+pub struct ParkOnForcedUnwind;
+
+impl ParkOnForcedUnwind {
+    pub fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for ParkOnForcedUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        loop {
+            std::thread::park();
+        }
+    }
+}

@@ -11,7 +11,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 
 use super::engine::Shared;
 use super::errors::{describe, Error};
-use super::runtime::runtime;
+use super::runtime::{runtime, ParkOnForcedUnwind};
 
 pub const STATUS_COUNT: usize = 7;
 
@@ -261,6 +261,7 @@ impl TaskResult {
 
 /// Runs each callback with the task handle, logging any that raise.
 pub fn run_callbacks(py: Python<'_>, handle: &Bound<'_, TaskResult>, callbacks: Vec<Py<PyAny>>) {
+    let guard = ParkOnForcedUnwind;
     for cb in callbacks {
         if let Err(err) = cb.bind(py).call1((handle,)) {
             if let Ok(rt) = runtime(py) {
@@ -278,6 +279,7 @@ pub fn run_callbacks(py: Python<'_>, handle: &Bound<'_, TaskResult>, callbacks: 
             }
         }
     }
+    guard.disarm();
 }
 
 #[pymethods]
