@@ -14,7 +14,7 @@ use super::engine::{Counters, Defaults, Retention, Shared};
 use super::errors::{describe, Error, Result};
 use super::runtime::runtime;
 use super::stats::EngineStats;
-use super::task::{Call, NewTask, Outcome, Status, TaskResult};
+use super::task::{Call, Job, NewTask, Outcome, Status, TaskResult};
 use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::{Pool, PoolConfig};
 use crate::tasks::scheduler::Scheduler;
@@ -58,7 +58,8 @@ fn parse_ms(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
             format!("must be a finite number >= 0, got {ms}"),
         ));
     }
-    Ok(Duration::from_secs_f64(ms / 1000.0))
+    Duration::try_from_secs_f64(ms / 1000.0)
+        .map_err(|_| Error::BadValue(name, format!("is too large: {ms} ms")))
 }
 
 fn parse_count(name: &'static str, v: &Bound<'_, PyAny>) -> Result<u32> {
@@ -111,7 +112,8 @@ impl Engine {
                     format!("must be a finite number >= 0, got {v}"),
                 ));
             }
-            Ok(Duration::from_secs_f64(v))
+            Duration::try_from_secs_f64(v)
+                .map_err(|_| Error::BadValue(name, format!("is too large: {v}")))
         };
         let origin = Instant::now();
         let lane = rt
@@ -131,10 +133,10 @@ impl Engine {
             max_retries: parse_count("max_retries", default_max_retries)?,
             timeout: timeout_of(parse_ms("timeout_ms", default_timeout_ms)?),
         };
-        let sched = Arc::new(Scheduler::new(
-            queue_size,
-            secs("starvation_ms", starvation_ms / 1000.0)?,
-        ));
+        let sched = Arc::new(
+            Scheduler::new(queue_size, secs("starvation_ms", starvation_ms / 1000.0)?)
+                .with_due_hook(Box::new(|job: &Job| job.mark_ready())),
+        );
         let seed = origin.elapsed().as_nanos() as u64
             ^ u64::from(std::process::id()).rotate_left(32)
             ^ (std::ptr::addr_of!(origin) as u64);
@@ -188,7 +190,7 @@ impl Engine {
             max: max_workers.max(workers),
             autoscale: enable_auto_scaling,
             idle_timeout,
-            grow_interval: Duration::from_millis(100),
+            grow_interval: Duration::ZERO,
         };
         let pool = Pool::new(sched.clone(), shared.clone(), cfg, origin).map_err(Error::from)?;
         *shared.pool.lock() = Some(pool.clone());
@@ -363,7 +365,8 @@ impl Engine {
         if let Some(report) = self.report.lock().as_ref() {
             return Ok(report.clone_ref(py));
         }
-        let report = self.stop(py, wait_for_completion, Duration::from_secs_f64(timeout))?;
+        let timeout = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::MAX);
+        let report = self.stop(py, wait_for_completion, timeout)?;
         *self.report.lock() = Some(report.clone_ref(py));
         Ok(report)
     }
@@ -373,9 +376,11 @@ impl Engine {
     fn stop(&self, py: Python<'_>, wait: bool, timeout: Duration) -> PyResult<Py<PyDict>> {
         let rt = runtime(py)?;
         let shared = &self.shared;
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::tasks::scheduler::due_after(Instant::now(), timeout);
         shared.sched.close_intake();
-        let settled = wait && py.detach(|| shared.sched.wait_settled(deadline));
+        if wait {
+            py.detach(|| shared.sched.wait_settled(deadline));
+        }
         let left = shared.sched.stop();
         let mut cancelled = Vec::with_capacity(left.len());
         for job in left {
@@ -397,6 +402,18 @@ impl Engine {
             );
         }
         shared.watchdog.stop();
+        let in_flight: Vec<Job> = shared
+            .registry
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .lock()
+                    .values()
+                    .filter(|j| !j.status().is_final())
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let aio = shared.aio.lock().take();
         if let Some(aio) = aio {
             let left = deadline
@@ -413,24 +430,20 @@ impl Engine {
         if let Some(t) = self.watchdog_thread.lock().take() {
             py.detach(|| t.join()).ok();
         }
-        let running: Vec<String> = shared
-            .registry
-            .iter()
-            .flat_map(|shard| {
-                shard
-                    .lock()
-                    .values()
-                    .filter(|j| j.status() == Status::Running || j.status() == Status::Retrying)
-                    .map(|j| j.id())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let mut running = Vec::new();
+        for job in in_flight {
+            match job.status() {
+                Status::Cancelled => cancelled.push(job.id()),
+                s if !s.is_final() => running.push(job.id()),
+                _ => {}
+            }
+        }
         if !cancelled.is_empty() {
             rt.log(
                 py,
                 "warning",
                 format!(
-                    "shutdown cancelled {} queued task(s) that had not run: {}",
+                    "shutdown cancelled {} task(s) that had not finished: {}",
                     cancelled.len(),
                     preview(&cancelled)
                 ),
@@ -450,10 +463,7 @@ impl Engine {
             );
         }
         let report = PyDict::new(py);
-        report.set_item(
-            "drained",
-            settled || (cancelled.is_empty() && running.is_empty()),
-        )?;
+        report.set_item("drained", cancelled.is_empty() && running.is_empty())?;
         report.set_item("cancelled", PyList::new(py, &cancelled)?)?;
         report.set_item("still_running", PyList::new(py, &running)?)?;
         Ok(report.unbind())

@@ -164,6 +164,22 @@ impl TaskState {
         self.status.store(s as u8, SeqCst);
     }
 
+    /// A delayed task or retry fell due: it now waits in a ready lane.
+    pub fn mark_ready(&self) {
+        let _ = self.status.compare_exchange(
+            Status::Scheduled as u8,
+            Status::Pending as u8,
+            SeqCst,
+            SeqCst,
+        );
+        let _ = self.status.compare_exchange(
+            Status::Retrying as u8,
+            Status::Pending as u8,
+            SeqCst,
+            SeqCst,
+        );
+    }
+
     pub fn attempts(&self) -> u32 {
         self.attempts.load(SeqCst)
     }
@@ -335,7 +351,9 @@ impl TaskResult {
                     "timeout must be a finite number of seconds >= 0, got {t}"
                 )))
             }
-            Some(t) => Some(Instant::now() + Duration::from_secs_f64(t)),
+            Some(t) => Duration::try_from_secs_f64(t)
+                .ok()
+                .and_then(|d| Instant::now().checked_add(d)),
             None => None,
         };
         loop {

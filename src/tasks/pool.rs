@@ -138,7 +138,7 @@ impl<T: Send + 'static> Pool<T> {
             live: AtomicUsize::new(0),
             grown: AtomicU64::new(0),
             shrunk: AtomicU64::new(0),
-            last_grow: Mutex::new(origin),
+            last_grow: Mutex::new(origin.checked_sub(cfg.grow_interval).unwrap_or(origin)),
             threads: Mutex::new(Vec::new()),
             alive: Arc::default(),
         }))
@@ -252,6 +252,9 @@ impl<T: Send + 'static> Pool<T> {
             let idle = self.cfg.idle_timeout;
             match self.runner.wait(&|| sched.pop(idle)) {
                 Pop::Job(job) => {
+                    // A worker that takes work while more waits and nobody is
+                    // idle is the signal of a backlog, even with no new submits.
+                    self.maybe_grow();
                     let since = self.now_ns();
                     slot.busy_since_ns.store(since, SeqCst);
                     let result = catch_unwind(AssertUnwindSafe(|| {

@@ -10,6 +10,12 @@ use parking_lot::{Condvar, Mutex};
 use super::lanes::{Lanes, LANES};
 use super::timer::TimerHeap;
 
+/// `now + delay`, or a century from now for delays beyond what `Instant` holds.
+pub fn due_after(now: Instant, delay: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(delay.min(CENTURY)).unwrap_or(now)
+}
+
 /// Why the scheduler refused work; the item comes back to the caller.
 #[derive(Debug)]
 pub enum Rejected<T> {
@@ -55,11 +61,15 @@ struct State<T> {
     stopped: bool,
 }
 
+/// Called for each delayed item as the timer makes it ready.
+pub type DueHook<T> = Box<dyn Fn(&T) + Send + Sync>;
+
 pub struct Scheduler<T> {
     state: Mutex<State<T>>,
     work: Condvar,
     timer: Condvar,
     settled: Condvar,
+    on_due: Option<DueHook<T>>,
 }
 
 impl<T> Scheduler<T> {
@@ -77,7 +87,14 @@ impl<T> Scheduler<T> {
             work: Condvar::new(),
             timer: Condvar::new(),
             settled: Condvar::new(),
+            on_due: None,
         }
+    }
+
+    /// Sets a hook the timer calls for each delayed item as it becomes ready.
+    pub fn with_due_hook(mut self, hook: DueHook<T>) -> Self {
+        self.on_due = Some(hook);
+        self
     }
 
     /// Queues new work, now or after `delay`. Fails when the queue holds
@@ -115,7 +132,7 @@ impl<T> Scheduler<T> {
                 self.work.notify_one();
             }
         } else {
-            let due = now + delay;
+            let due = due_after(now, delay);
             let earlier = st.timer.next_due().is_none_or(|d| due < d);
             st.timer.push(due, (lane, item));
             if earlier {
@@ -129,7 +146,7 @@ impl<T> Scheduler<T> {
     /// Call it without holding the Python interpreter.
     pub fn pop(&self, idle: Duration) -> Pop<T> {
         let mut st = self.state.lock();
-        let deadline = Instant::now() + idle;
+        let deadline = due_after(Instant::now(), idle);
         loop {
             if st.stopped {
                 return Pop::Stopped;
@@ -189,6 +206,9 @@ impl<T> Scheduler<T> {
             let due = st.timer.pop_due(now);
             let moved = due.len();
             for (lane, item) in due {
+                if let Some(hook) = &self.on_due {
+                    hook(&item);
+                }
                 st.lanes.push(lane, item, now);
             }
             if moved == 1 {
@@ -280,6 +300,14 @@ mod tests {
 
     const IDLE: Duration = Duration::from_millis(20);
 
+    fn eventually(cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "condition not reached in 10 s");
+            thread::yield_now();
+        }
+    }
+
     fn sched(capacity: usize) -> Arc<Scheduler<u32>> {
         Arc::new(Scheduler::new(capacity, Duration::from_secs(60)))
     }
@@ -349,6 +377,29 @@ mod tests {
     }
 
     #[test]
+    fn due_hook_sees_each_delayed_item() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = {
+            let seen = seen.clone();
+            Arc::new(
+                Scheduler::new(10, Duration::from_secs(60))
+                    .with_due_hook(Box::new(move |x: &u32| seen.lock().push(*x))),
+            )
+        };
+        let timer = {
+            let s = s.clone();
+            thread::spawn(move || s.run_timer())
+        };
+        s.submit(2, 1, Duration::ZERO).unwrap();
+        s.submit(2, 2, Duration::from_millis(10)).unwrap();
+        assert_eq!(s.pop(Duration::from_secs(5)), Pop::Job(1));
+        assert_eq!(s.pop(Duration::from_secs(5)), Pop::Job(2));
+        assert_eq!(*seen.lock(), vec![2]);
+        s.stop();
+        timer.join().unwrap();
+    }
+
+    #[test]
     fn waiting_worker_wakes_on_submit_and_stop() {
         let s = sched(10);
         let worker = {
@@ -360,13 +411,9 @@ mod tests {
                 )
             })
         };
-        while s.depths().waiting_workers == 0 {
-            thread::yield_now();
-        }
+        eventually(|| s.depths().waiting_workers > 0);
         s.submit(1, 9, Duration::ZERO).unwrap();
-        while s.depths().in_flight == 0 {
-            thread::yield_now();
-        }
+        eventually(|| s.depths().in_flight > 0);
         let left = s.stop();
         assert!(left.is_empty());
         assert_eq!(worker.join().unwrap(), (Pop::Job(9), Pop::Stopped));

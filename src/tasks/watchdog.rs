@@ -53,12 +53,13 @@ impl Watchdog {
     }
 
     fn ns(&self, at: Instant) -> u64 {
-        (at.saturating_duration_since(self.origin).as_nanos() as u64).max(1)
+        let ns = at.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(ns).unwrap_or(IDLE - 1).clamp(1, IDLE - 1)
     }
 
     /// Arms `slot` for `after` from now with `token`.
     pub fn arm(&self, slot: &Deadline, after: Duration, token: u64) {
-        let at = self.ns(Instant::now() + after);
+        let at = self.ns(super::scheduler::due_after(Instant::now(), after));
         slot.token.store(token, SeqCst);
         slot.at_ns.store(at, SeqCst);
         let wake = self.next_wake.load(SeqCst);
