@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
 from catzilla.background_tasks import BackgroundTasks
 
 # Generous upper bound for any condition a test waits for.

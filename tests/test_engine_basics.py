@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import threading
+import weakref
 from collections.abc import Iterator
 
-import pytest
-from conftest import DEADLINE, Recorder, wait_until
-
 import catzilla
+import pytest
 from catzilla import Catzilla
 from catzilla import TaskPriority as AppTaskPriority
 from catzilla.background_tasks import (
@@ -22,6 +22,7 @@ from catzilla.background_tasks import (
     registered_tasks,
     task,
 )
+from conftest import DEADLINE, Recorder, wait_until
 
 # --- module-level task functions, so that their import names are stable ----
 
@@ -94,6 +95,38 @@ def test_task_runs_on_a_worker_thread(engine):
 def test_many_tasks_all_return_their_own_value(engine):
     handles = [engine.add_task(lambda i=i: i * i) for i in range(300)]
     assert [h.wait(DEADLINE) for h in handles] == [i * i for i in range(300)]
+
+
+class Payload:
+    pass
+
+
+def payload_size(payload):
+    return 1
+
+
+def collected(ref):
+    gc.collect()
+    return ref() is None
+
+
+def test_arguments_are_released_once_the_task_is_final(engine):
+    payload = Payload()
+    ref = weakref.ref(payload)
+    r = engine.add_task(payload_size, payload)
+    del payload
+    assert r.wait(DEADLINE) == 1
+    wait_until(lambda: collected(ref), what="the argument to be released")
+    assert engine.get_result(r.task_id) is not None  # the record is still retained
+
+
+def test_arguments_of_a_cancelled_task_are_released(engine):
+    payload = Payload()
+    ref = weakref.ref(payload)
+    r = engine.add_task(payload_size, payload=payload, delay_ms=60_000)
+    del payload
+    assert r.cancel() is True
+    wait_until(lambda: collected(ref), what="the argument to be released")
 
 
 # --- statuses -----------------------------------------------------------------
