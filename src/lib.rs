@@ -1,5 +1,6 @@
 //! catzilla's native core, built as the extension module `catzilla._catzilla`.
 
+pub mod http;
 pub mod py;
 pub mod tasks;
 
@@ -7,5 +8,6 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _catzilla(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    py::init_pymodule(m)
+    py::init_pymodule(m)?;
+    http::init_pymodule(m)
 }

@@ -174,15 +174,10 @@ def test_failed_task_status(engine):
         r.result()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a delayed task (or a retry) that fell due and waits in a ready lane still "
-    "reports SCHEDULED (RETRYING): Scheduler::run_timer moves it to the lane without "
-    "setting the status to PENDING",
-)
 def test_due_delayed_task_waiting_for_a_worker_is_pending(single, blocker):
     """Once its delay has passed, a task waiting in a ready lane is "queued,
-    ready to run": PENDING, no longer SCHEDULED ("waiting for its delay")."""
+    ready to run": PENDING, no longer SCHEDULED ("waiting for its delay").
+    Regression: it used to stay SCHEDULED until a worker took it."""
     single.add_task(blocker)
     blocker.wait_started()
     r = single.add_task(lambda: "done", delay_ms=30)
@@ -194,6 +189,44 @@ def test_due_delayed_task_waiting_for_a_worker_is_pending(single, blocker):
     assert r.status is TaskStatus.PENDING
     blocker.release()
     assert r.wait(DEADLINE) == "done"
+
+
+@pytest.mark.parametrize(
+    "backoff_ms",
+    [
+        pytest.param(0, id="no-backoff"),
+        pytest.param(1, id="backoff"),
+    ],
+)
+def test_due_retry_waiting_for_a_worker_is_pending(make_engine, blocker, backoff_ms):
+    """A retry whose backoff has passed waits in a ready lane: PENDING, no
+    longer RETRYING ("the next one waits for its backoff delay")."""
+    e = make_engine(
+        workers=1,
+        max_workers=1,
+        enable_auto_scaling=False,
+        retry_backoff_ms=backoff_ms,
+        retry_backoff_cap_ms=backoff_ms,
+    )
+    calls = Recorder()
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("first attempt")
+        return "second attempt"
+
+    r = e.add_task(flaky, max_retries=1)
+    e.add_task(blocker)  # runs after flaky's first attempt, holding the only worker
+    blocker.wait_started()
+    wait_until(
+        lambda: e.get_stats().scheduled_tasks == 0 and e.get_stats().normal_queue_size == 1,
+        what="the retry to wait in its lane",
+    )
+    assert r.attempts == 1
+    assert r.status is TaskStatus.PENDING
+    blocker.release()
+    assert r.wait(DEADLINE) == "second attempt"
 
 
 # --- ids and lookup -------------------------------------------------------------

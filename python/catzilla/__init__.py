@@ -9,11 +9,30 @@ from .background_tasks import (
     TaskStatus,
     task,
 )
+from .errors import BadRequestError, HTTPError
+from .web import (
+    HTMLResponse,
+    JSONResponse,
+    Path,
+    PlainTextResponse,
+    Query,
+    Request,
+    Response,
+)
 
 __all__ = [
     "BackgroundTasks",
+    "BadRequestError",
     "Catzilla",
     "EngineStats",
+    "HTMLResponse",
+    "HTTPError",
+    "JSONResponse",
+    "Path",
+    "PlainTextResponse",
+    "Query",
+    "Request",
+    "Response",
     "TaskPriority",
     "TaskResult",
     "TaskStatus",

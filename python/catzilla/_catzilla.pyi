@@ -44,8 +44,9 @@ class TaskResult:
     def cancel(self) -> bool:
         """Cancels the task if it has not started; returns whether it did."""
     def add_callback(self, func: Callable[[TaskResult], object]) -> None:
-        """Calls ``func(self)`` once the task finishes (at once if it has). A
-        callback that raises is logged to ``catzilla.tasks``."""
+        """Calls ``func(handle)`` once the task finishes (at once if it has), where
+        ``handle`` is a ``TaskResult`` for this task (same ``task_id``). A callback
+        that raises is logged to ``catzilla.tasks``."""
     def __await__(self) -> Generator[Any, None, Any]:
         """``await result`` suspends until the task finishes and returns its value."""
 

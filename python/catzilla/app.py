@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import signal
+import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import Any, ParamSpec, TypeVar, overload
+
+from ._catzilla import Server
 
 from .background_tasks import (
     BackgroundTasks,
@@ -14,15 +20,148 @@ from .background_tasks import (
     task,
 )
 
+from .web import make_adapter
+
 P = ParamSpec("P")
 R = TypeVar("R")
+H = TypeVar("H", bound=Callable[..., Any])
+
+_PARAM = re.compile(r"\{\*?([A-Za-z_][A-Za-z0-9_]*)\}")
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
 class Catzilla:
-    """A catzilla application: routes and, once enabled, a background task engine."""
+    """A catzilla application: routes served by a Rust HTTP server, and a
+    background task engine once enabled.
 
-    def __init__(self) -> None:
+    ``max_body_size`` bounds request bodies (larger ones get 413),
+    ``handler_threads`` is how many Python threads run sync handlers,
+    ``io_threads`` how many threads do network I/O, ``header_read_timeout``
+    how long a client may take to send its headers, and ``shutdown_grace``
+    how long in-flight requests may take to finish at shutdown. Other keyword
+    arguments of the original Catzilla (``production``, ...) are accepted and
+    ignored, so existing code keeps working.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_body_size: int = 10 * 1024 * 1024,
+        handler_threads: int = 4,
+        io_threads: int = 1,
+        header_read_timeout: float = 10.0,
+        shutdown_grace: float = 10.0,
+        **_compat: Any,
+    ) -> None:
+        for name, value in (
+            ("max_body_size", max_body_size),
+            ("handler_threads", handler_threads),
+            ("io_threads", io_threads),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.tasks: BackgroundTasks | None = None
+        self.max_body_size = max_body_size
+        self.handler_threads = handler_threads
+        self.io_threads = io_threads
+        self.header_read_timeout = float(header_read_timeout)
+        self.shutdown_grace = float(shutdown_grace)
+        self.routes: list[tuple[str, str, Callable[..., Any]]] = []
+        self._adapters: list[tuple[str, str, Callable[..., Any]]] = []
+        self._server: Server | None = None
+
+    # Routing
+
+    def route(self, path: str, methods: list[str] | None = None) -> Callable[[H], H]:
+        """Registers the decorated handler for ``path`` and ``methods`` (default GET).
+
+        ``{name}`` in the path is a parameter, given to the handler as
+        ``request.path_params["name"]`` and as the keyword argument ``name``
+        when the handler declares it (e.g. ``name: str = Path(...)``)."""
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"path must be a str starting with '/', got {path!r}")
+        wanted = [m.upper() for m in (methods or ["GET"])]
+        for m in wanted:
+            if m not in _METHODS:
+                raise ValueError(f"unsupported HTTP method {m!r}; use one of {_METHODS}")
+        params = _PARAM.findall(path)
+
+        def register(handler: H) -> H:
+            adapter = make_adapter(handler, path, params)
+            for m in wanted:
+                if any(r[0] == m and r[1] == path for r in self.routes):
+                    raise ValueError(f"route {m} {path} is already defined")
+                self.routes.append((m, path, handler))
+                self._adapters.append((m, path, adapter))
+            return handler
+
+        return register
+
+    def get(self, path: str) -> Callable[[H], H]:
+        """``@app.get(path)``: a GET route."""
+        return self.route(path, ["GET"])
+
+    def post(self, path: str) -> Callable[[H], H]:
+        """``@app.post(path)``: a POST route."""
+        return self.route(path, ["POST"])
+
+    def put(self, path: str) -> Callable[[H], H]:
+        """``@app.put(path)``: a PUT route."""
+        return self.route(path, ["PUT"])
+
+    def patch(self, path: str) -> Callable[[H], H]:
+        """``@app.patch(path)``: a PATCH route."""
+        return self.route(path, ["PATCH"])
+
+    def delete(self, path: str) -> Callable[[H], H]:
+        """``@app.delete(path)``: a DELETE route."""
+        return self.route(path, ["DELETE"])
+
+    # Serving
+
+    def listen(self, port: int = 8000, host: str = "127.0.0.1") -> None:
+        """Serves the app until SIGINT or SIGTERM, with the GIL released.
+
+        Prints one line saying where it serves. Signal handlers the program
+        installed itself still run; where none is installed, SIGINT and
+        SIGTERM stop the server gracefully: no new connections, in-flight
+        requests finish (up to ``shutdown_grace`` seconds), then the task
+        engine shuts down and ``listen`` returns. A port in use raises ``OSError``."""
+        server = Server(
+            routes=self._adapters,
+            max_body_size=self.max_body_size,
+            handler_threads=self.handler_threads,
+            io_threads=self.io_threads,
+            header_read_timeout=self.header_read_timeout,
+        )
+        bound_host, bound_port = server.bind(host, port)
+        self._server = server
+        print(f"catzilla serving on http://{bound_host}:{bound_port}", flush=True)
+        previous: dict[int, Any] = {}
+
+        def stop_on_signal(signum: int, frame: FrameType | None) -> None:
+            server.request_shutdown()
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):
+                    previous[sig] = signal.signal(sig, stop_on_signal)
+        try:
+            server.serve()
+        finally:
+            server.stop(self.shutdown_grace)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.tasks is not None and not self.tasks.is_shutdown:
+                self.tasks.shutdown(wait_for_completion=True, timeout=self.tasks.exit_timeout)
+            self._server = None
+
+    def stop(self) -> None:
+        """Asks a running ``listen`` to stop gracefully; callable from any thread."""
+        if self._server is not None:
+            self._server.request_shutdown()
+
+    # Background tasks
 
     def enable_background_tasks(self, **options: Any) -> BackgroundTasks:
         """Starts the background task engine with ``BackgroundTasks``' parameters

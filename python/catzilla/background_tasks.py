@@ -293,6 +293,7 @@ class BackgroundTasks(Engine):
             raise TypeError(f"enable_auto_scaling must be a bool, got {enable_auto_scaling!r}")
         if not isinstance(enable_profiling, bool):
             raise TypeError(f"enable_profiling must be a bool, got {enable_profiling!r}")
+        exit_timeout = _non_negative("exit_timeout", exit_timeout)
         self = super().__new__(
             cls,
             workers=workers,
@@ -312,7 +313,7 @@ class BackgroundTasks(Engine):
             default_max_retries=default_max_retries,
             default_timeout_ms=default_timeout_ms,
         )
-        self.exit_timeout = _non_negative("exit_timeout", exit_timeout)
+        self.exit_timeout = exit_timeout
         self.config = {
             "workers": workers,
             "min_workers": min_workers,

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 __all__ = [
+    "BadRequestError",
     "CatzillaError",
     "EngineShutdownError",
+    "HTTPError",
     "NonRetryableError",
     "TaskCancelledError",
     "TaskInterrupt",
@@ -54,3 +56,22 @@ class TaskInterrupt(BaseException):
     It derives from ``BaseException`` so that ``except Exception`` in task code does
     not swallow it; the task's recorded error is a ``TaskTimeoutError``.
     """
+
+
+class HTTPError(CatzillaError):
+    """Raise from a handler to answer with ``status_code`` and ``{"error": detail}``."""
+
+    def __init__(self, status_code: int, detail: str = "") -> None:
+        super().__init__(status_code, detail)
+        self.status_code = status_code
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.status_code}: {self.detail}"
+
+
+class BadRequestError(HTTPError, ValueError):
+    """The request is malformed, e.g. ``request.json()`` on a body that is not JSON."""
+
+    def __init__(self, detail: str = "Bad Request") -> None:
+        super().__init__(400, detail)

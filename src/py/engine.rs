@@ -352,7 +352,11 @@ impl Shared {
                 .is_some_and(|types| exc.is_instance(types.bind(py)).unwrap_or(false));
         if retryable && attempts <= job.max_retries {
             let delay = self.backoff.delay(attempts, &mut self.rng.lock());
-            job.set_status(Status::Retrying);
+            job.set_status(if delay.is_zero() {
+                Status::Pending
+            } else {
+                Status::Retrying
+            });
             match self.sched.retry(job.lane, job.clone(), delay) {
                 Ok(()) => {
                     self.counters.retried.fetch_add(1, SeqCst);

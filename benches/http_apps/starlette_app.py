@@ -1,0 +1,45 @@
+"""GET /json and POST /enqueue on Starlette, served by uvicorn.
+
+Run by ``benches/bench_http.py`` from its own venv (``starlette`` and ``uvicorn``):
+
+    python -m uvicorn starlette_app:app --app-dir DIR --port PORT ...
+
+Starlette has no task queue: POST /enqueue attaches a ``BackgroundTask`` of a no-op
+function to its response, which Starlette runs after the response is sent. The no-op
+is a plain ``def``, as in the Catzilla apps, so Starlette runs it in its threadpool;
+an ``async def`` one would run on the event loop instead, much faster. The task id is
+a counter, so the response looks like the Catzilla ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+_task_ids = itertools.count(1)
+
+
+def noop() -> None:
+    return None
+
+
+async def json_route(request: Request) -> JSONResponse:
+    return JSONResponse({"message": "Hello, World!"})
+
+
+async def enqueue(request: Request) -> JSONResponse:
+    task_id = f"task_{next(_task_ids)}"
+    return JSONResponse({"task_id": task_id}, background=BackgroundTask(noop))
+
+
+app = Starlette(
+    routes=[
+        Route("/json", json_route, methods=["GET"]),
+        Route("/enqueue", enqueue, methods=["POST"]),
+    ]
+)

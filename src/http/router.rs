@@ -1,0 +1,177 @@
+//! Routes compiled once into a radix tree (matchit), with per-path methods.
+
+use std::collections::BTreeMap;
+
+/// What a request's method and path lead to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Match {
+    Found {
+        handler: usize,
+        params: Vec<(String, String)>,
+    },
+    /// The path exists, but not for this method; lists the allowed ones.
+    MethodNotAllowed(Vec<String>),
+    NotFound,
+}
+
+#[derive(Default)]
+pub struct Router {
+    tree: matchit::Router<usize>,
+    paths: Vec<BTreeMap<String, usize>>,
+    by_pattern: BTreeMap<String, usize>,
+}
+
+impl Router {
+    /// Adds `method path -> handler`. Paths use `{name}` parameters and a
+    /// trailing `{*rest}` catch-all.
+    pub fn insert(&mut self, method: &str, path: &str, handler: usize) -> Result<(), String> {
+        if !path.starts_with('/') {
+            return Err(format!("route path must start with '/', got {path:?}"));
+        }
+        let method = method.to_ascii_uppercase();
+        let slot = match self.by_pattern.get(path) {
+            Some(&slot) => slot,
+            None => {
+                let slot = self.paths.len();
+                self.tree
+                    .insert(path, slot)
+                    .map_err(|e| format!("route {path:?} conflicts: {e}"))?;
+                self.paths.push(BTreeMap::new());
+                self.by_pattern.insert(path.to_string(), slot);
+                slot
+            }
+        };
+        if self.paths[slot].insert(method.clone(), handler).is_some() {
+            return Err(format!("route {method} {path} is defined twice"));
+        }
+        Ok(())
+    }
+
+    pub fn lookup(&self, method: &str, path: &str) -> Match {
+        let Ok(found) = self.tree.at(path) else {
+            return Match::NotFound;
+        };
+        let methods = &self.paths[*found.value];
+        let handler = methods
+            .get(method)
+            .or_else(|| (method == "HEAD").then(|| methods.get("GET")).flatten());
+        match handler {
+            Some(&handler) => Match::Found {
+                handler,
+                params: found
+                    .params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), percent_decode(v)))
+                    .collect(),
+            },
+            None => Match::MethodNotAllowed(methods.keys().cloned().collect()),
+        }
+    }
+}
+
+/// Decodes `%XX` escapes in a path segment; invalid UTF-8 is replaced.
+pub fn percent_decode(s: &str) -> String {
+    if !s.contains('%') {
+        return s.to_string();
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router {
+        let mut r = Router::default();
+        r.insert("GET", "/", 0).unwrap();
+        r.insert("post", "/tasks", 1).unwrap();
+        r.insert("GET", "/tasks", 2).unwrap();
+        r.insert("GET", "/task-progress/{task_id}", 3).unwrap();
+        r.insert("GET", "/files/{*path}", 4).unwrap();
+        r
+    }
+
+    #[test]
+    fn matches_methods_and_params() {
+        let r = router();
+        assert_eq!(
+            r.lookup("GET", "/"),
+            Match::Found {
+                handler: 0,
+                params: vec![]
+            }
+        );
+        assert_eq!(
+            r.lookup("POST", "/tasks"),
+            Match::Found {
+                handler: 1,
+                params: vec![]
+            }
+        );
+        assert_eq!(
+            r.lookup("GET", "/task-progress/data_1f%20x"),
+            Match::Found {
+                handler: 3,
+                params: vec![("task_id".into(), "data_1f x".into())]
+            }
+        );
+        assert_eq!(
+            r.lookup("GET", "/files/a/b.txt"),
+            Match::Found {
+                handler: 4,
+                params: vec![("path".into(), "a/b.txt".into())]
+            }
+        );
+    }
+
+    #[test]
+    fn not_found_and_method_not_allowed() {
+        let r = router();
+        assert_eq!(r.lookup("GET", "/nope"), Match::NotFound);
+        assert_eq!(r.lookup("GET", "/task-progress"), Match::NotFound);
+        assert_eq!(
+            r.lookup("DELETE", "/tasks"),
+            Match::MethodNotAllowed(vec!["GET".into(), "POST".into()])
+        );
+    }
+
+    #[test]
+    fn head_falls_back_to_get() {
+        let r = router();
+        assert!(matches!(
+            r.lookup("HEAD", "/"),
+            Match::Found { handler: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_and_duplicate_routes() {
+        let mut r = router();
+        assert!(r.insert("GET", "tasks", 9).is_err());
+        assert!(r.insert("GET", "/tasks", 9).is_err());
+        assert!(r.insert("GET", "/task-progress/{other}", 9).is_err());
+    }
+
+    #[test]
+    fn percent_decoding_is_lenient() {
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%C3%A9"), "é");
+    }
+}

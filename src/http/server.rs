@@ -1,0 +1,570 @@
+//! The HTTP server: tokio accepts and parses, Python threads run handlers.
+//!
+//! NOTE: tokio threads never run Python. Each request is handed over a
+//! channel to the handler threads, which stay attached to the interpreter
+//! and run queued requests back to back (2 ms budget) before they detach.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use parking_lot::{Condvar, Mutex};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use tokio::sync::{oneshot, watch};
+
+use super::http_runtime;
+use super::request::Request;
+use super::response::{error_response, to_http, HttpResponse};
+use super::router::{Match, Router};
+use crate::py::runtime::ParkOnForcedUnwind;
+
+const BATCH_BUDGET: Duration = Duration::from_millis(2);
+
+struct Job {
+    handler: usize,
+    params: Vec<(String, String)>,
+    parts: http::request::Parts,
+    body: Bytes,
+    peer: SocketAddr,
+    reply: oneshot::Sender<HttpResponse>,
+}
+
+enum Msg {
+    Job(Box<Job>),
+    Stop,
+}
+
+struct Shared {
+    router: Router,
+    handlers: Vec<Py<PyAny>>,
+    tx: Sender<Msg>,
+    rx: Receiver<Msg>,
+    max_body: usize,
+    aio: Mutex<Option<Py<PyAny>>>,
+}
+
+#[derive(Default)]
+struct Flag {
+    set: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Flag {
+    fn raise(&self) {
+        *self.set.lock() = true;
+        self.cv.notify_all();
+    }
+
+    fn wait(&self, until: Instant) -> bool {
+        let mut set = self.set.lock();
+        if !*set {
+            self.cv.wait_until(&mut set, until);
+        }
+        *set
+    }
+}
+
+struct Running {
+    runtime: tokio::runtime::Runtime,
+    shutdown: watch::Sender<Option<Duration>>,
+    drained: Arc<Flag>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// The native server behind `Catzilla.listen`.
+#[pyclass(frozen, module = "catzilla._catzilla")]
+pub struct Server {
+    shared: Arc<Shared>,
+    handler_threads: usize,
+    io_threads: usize,
+    header_timeout: Duration,
+    listener: Mutex<Option<std::net::TcpListener>>,
+    running: Mutex<Option<Running>>,
+    stop_requested: Arc<Flag>,
+    stopped: AtomicBool,
+}
+
+#[pymethods]
+impl Server {
+    #[new]
+    #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout))]
+    fn new(
+        routes: Vec<(String, String, Py<PyAny>)>,
+        max_body_size: usize,
+        handler_threads: usize,
+        io_threads: usize,
+        header_read_timeout: f64,
+    ) -> PyResult<Self> {
+        if handler_threads == 0 || io_threads == 0 {
+            return Err(PyValueError::new_err(
+                "handler_threads and io_threads must be >= 1",
+            ));
+        }
+        let header_timeout = Duration::try_from_secs_f64(header_read_timeout).map_err(|_| {
+            PyValueError::new_err("header_read_timeout must be a number of seconds >= 0")
+        })?;
+        let mut router = Router::default();
+        let mut handlers = Vec::with_capacity(routes.len());
+        for (method, path, handler) in routes {
+            router
+                .insert(&method, &path, handlers.len())
+                .map_err(PyValueError::new_err)?;
+            handlers.push(handler);
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Ok(Self {
+            shared: Arc::new(Shared {
+                router,
+                handlers,
+                tx,
+                rx,
+                max_body: max_body_size,
+                aio: Mutex::new(None),
+            }),
+            handler_threads,
+            io_threads,
+            header_timeout,
+            listener: Mutex::new(None),
+            running: Mutex::new(None),
+            stop_requested: Arc::new(Flag::default()),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// Binds the listening socket; returns the (host, port) bound.
+    fn bind(&self, host: &str, port: u16) -> PyResult<(String, u16)> {
+        let listener = std::net::TcpListener::bind((host, port)).map_err(|e| {
+            PyOSError::new_err((
+                e.raw_os_error().unwrap_or(0),
+                format!("cannot listen on {host}:{port}: {e}"),
+            ))
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| PyOSError::new_err(format!("cannot configure the socket: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| PyOSError::new_err(format!("cannot read the bound address: {e}")))?;
+        *self.listener.lock() = Some(listener);
+        Ok((addr.ip().to_string(), addr.port()))
+    }
+
+    /// Serves until `request_shutdown` is called, with the GIL released. Runs
+    /// Python signal handlers every 50 ms; an exception from one propagates.
+    fn serve(&self, py: Python<'_>) -> PyResult<()> {
+        self.start(py)?;
+        loop {
+            let stop = &self.stop_requested;
+            if py.detach(|| stop.wait(Instant::now() + Duration::from_millis(50))) {
+                return Ok(());
+            }
+            py.check_signals()?;
+        }
+    }
+
+    /// Asks `serve` to return; safe from signal handlers and any thread.
+    fn request_shutdown(&self) {
+        self.stop_requested.raise();
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `grace`
+    /// seconds, then stops the handler threads. Returns whether every
+    /// connection finished in time.
+    #[pyo3(signature = (grace=10.0))]
+    fn stop(&self, py: Python<'_>, grace: f64) -> PyResult<bool> {
+        self.stop_requested.raise();
+        if self.stopped.swap(true, SeqCst) {
+            return Ok(true);
+        }
+        let grace =
+            Duration::try_from_secs_f64(grace.max(0.0)).unwrap_or(Duration::from_secs(3600));
+        let Some(running) = self.running.lock().take() else {
+            return Ok(true);
+        };
+        let _ = running.shutdown.send(Some(grace));
+        let drained = running.drained.clone();
+        let clean = py.detach(|| drained.wait(Instant::now() + grace + Duration::from_secs(1)));
+        for _ in &running.threads {
+            let _ = self.shared.tx.send(Msg::Stop);
+        }
+        let threads = running.threads;
+        let runtime = running.runtime;
+        py.detach(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        });
+        let aio = self.shared.aio.lock().take();
+        if let Some(aio) = aio {
+            aio.bind(py).call_method1("stop", (1.0,))?;
+        }
+        Ok(clean)
+    }
+}
+
+impl Server {
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        let listener = self.listener.lock().take().ok_or_else(|| {
+            PyRuntimeError::new_err("the server is not bound (call bind first) or already served")
+        })?;
+        http_runtime(py)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.io_threads)
+            .thread_name("catzilla-io")
+            .enable_all()
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start the I/O runtime: {e}")))?;
+        let mut threads = Vec::with_capacity(self.handler_threads);
+        for i in 0..self.handler_threads {
+            let shared = self.shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("catzilla-http-{i}"))
+                .spawn(move || handler_thread(&shared))
+                .map_err(|e| {
+                    PyRuntimeError::new_err(format!("cannot start a handler thread: {e}"))
+                })?;
+            threads.push(t);
+        }
+        let (shutdown, shutdown_rx) = watch::channel(None);
+        let drained = Arc::new(Flag::default());
+        let shared = self.shared.clone();
+        let header_timeout = self.header_timeout;
+        let done = drained.clone();
+        let std_listener = listener;
+        let accept =
+            runtime.block_on(async move { tokio::net::TcpListener::from_std(std_listener) });
+        let listener =
+            accept.map_err(|e| PyOSError::new_err(format!("cannot register the socket: {e}")))?;
+        runtime.spawn(async move {
+            accept_loop(listener, shared, header_timeout, shutdown_rx).await;
+            done.raise();
+        });
+        *self.running.lock() = Some(Running {
+            runtime,
+            shutdown,
+            drained,
+            threads,
+        });
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.lock().take() {
+            let _ = running.shutdown.send(Some(Duration::ZERO));
+            for _ in &running.threads {
+                let _ = self.shared.tx.send(Msg::Stop);
+            }
+            running.runtime.shutdown_background();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    header_timeout: Duration,
+    mut shutdown: watch::Receiver<Option<Duration>>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .keep_alive(true)
+        .max_buf_size(64 * 1024);
+    if !header_timeout.is_zero() {
+        http.header_read_timeout(header_timeout);
+    }
+    let grace = loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(_) => {
+                        // NOTE: out of descriptors or a reset handshake; back off
+                        // briefly instead of spinning on the error.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                let service = service_fn(move |req| handle(shared.clone(), peer, req));
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            changed = shutdown.changed() => {
+                let grace = if changed.is_ok() { *shutdown.borrow() } else { Some(Duration::ZERO) };
+                break grace.unwrap_or(Duration::ZERO);
+            }
+        }
+    };
+    drop(listener);
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    req: http::Request<Incoming>,
+) -> Result<HttpResponse, Infallible> {
+    let (parts, body) = req.into_parts();
+    let (handler, params) = match shared
+        .router
+        .lookup(parts.method.as_str(), parts.uri.path())
+    {
+        Match::Found { handler, params } => (handler, params),
+        Match::NotFound => {
+            return Ok(error_response(
+                404,
+                "Not Found",
+                &[("path", parts.uri.path())],
+            ));
+        }
+        Match::MethodNotAllowed(allow) => {
+            let mut resp = error_response(
+                405,
+                "Method Not Allowed",
+                &[("method", parts.method.as_str())],
+            );
+            if let Ok(v) = http::HeaderValue::from_str(&allow.join(", ")) {
+                resp.headers_mut().insert(http::header::ALLOW, v);
+            }
+            return Ok(resp);
+        }
+    };
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > shared.max_body) {
+        return Ok(too_large(shared.max_body));
+    }
+    let body = match Limited::new(body, shared.max_body).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            return Ok(too_large(shared.max_body))
+        }
+        Err(_) => {
+            return Ok(error_response(
+                400,
+                "Bad Request: the body could not be read",
+                &[],
+            ))
+        }
+    };
+    let (reply, answer) = oneshot::channel();
+    let job = Job {
+        handler,
+        params,
+        parts,
+        body,
+        peer,
+        reply,
+    };
+    if shared.tx.send(Msg::Job(Box::new(job))).is_err() {
+        return Ok(error_response(503, "Service Unavailable", &[]));
+    }
+    Ok(answer
+        .await
+        .unwrap_or_else(|_| error_response(500, "Internal Server Error", &[])))
+}
+
+fn too_large(limit: usize) -> HttpResponse {
+    error_response(
+        413,
+        "Payload Too Large",
+        &[("limit_bytes", &limit.to_string())],
+    )
+}
+
+fn handler_thread(shared: &Shared) {
+    Python::attach(|py| loop {
+        let Ok(Msg::Job(first)) = py.detach(|| shared.rx.recv()) else {
+            return;
+        };
+        let started = Instant::now();
+        let mut job = first;
+        loop {
+            let guard = ParkOnForcedUnwind;
+            run_job(py, shared, *job);
+            guard.disarm();
+            if started.elapsed() >= BATCH_BUDGET {
+                break;
+            }
+            match shared.rx.try_recv() {
+                Ok(Msg::Job(next)) => job = next,
+                Ok(Msg::Stop) => return,
+                Err(_) => break,
+            }
+        }
+    });
+}
+
+fn run_job(py: Python<'_>, shared: &Shared, job: Job) {
+    let Job {
+        handler,
+        params,
+        parts,
+        body,
+        peer,
+        reply,
+    } = job;
+    let method = parts.method.as_str().to_string();
+    let path = parts.uri.path().to_string();
+    let request = match Bound::new(py, Request::new(parts, body, params, Some(peer))) {
+        Ok(r) => r,
+        Err(err) => {
+            let _ = reply.send(failure(py, err, &method, &path));
+            return;
+        }
+    };
+    let handler = shared.handlers[handler].bind(py);
+    let response = match handler.call1((request,)) {
+        Ok(value) if is_awaitable(&value) => {
+            match submit_async(py, shared, value, reply, method.clone(), path.clone()) {
+                Ok(()) => return,
+                Err((err, reply)) => {
+                    let _ = reply.send(failure(py, err, &method, &path));
+                    return;
+                }
+            }
+        }
+        Ok(value) => to_http(&value).unwrap_or_else(|err| failure(py, err, &method, &path)),
+        Err(err) => failure(py, err, &method, &path),
+    };
+    let _ = reply.send(response);
+}
+
+fn is_awaitable(value: &Bound<'_, PyAny>) -> bool {
+    !value.is_none()
+        && !value.is_instance_of::<super::response::Response>()
+        && !value.is_instance_of::<pyo3::types::PyDict>()
+        && value.get_type().hasattr("__await__").unwrap_or(false)
+}
+
+type Reply = oneshot::Sender<HttpResponse>;
+
+fn submit_async(
+    py: Python<'_>,
+    shared: &Shared,
+    awaitable: Bound<'_, PyAny>,
+    reply: Reply,
+    method: String,
+    path: String,
+) -> Result<(), (PyErr, Reply)> {
+    let aio = match event_loop(py, shared) {
+        Ok(aio) => aio,
+        Err(err) => return Err((err, reply)),
+    };
+    let done = HttpAsyncDone {
+        reply: Mutex::new(Some(reply)),
+        method,
+        path,
+    };
+    let done = match Py::new(py, done) {
+        Ok(d) => d,
+        Err(err) => return Err((err, recover_reply(py, None))),
+    };
+    let args = PyTuple::new(
+        py,
+        [
+            awaitable.into_any(),
+            py.None().into_bound(py),
+            done.clone_ref(py).into_bound(py).into_any(),
+        ],
+    );
+    let submitted = args.and_then(|args| aio.bind(py).call_method1("submit", args).map(|_| ()));
+    submitted.map_err(|err| (err, recover_reply(py, Some(&done))))
+}
+
+fn recover_reply(py: Python<'_>, done: Option<&Py<HttpAsyncDone>>) -> Reply {
+    let taken = done.and_then(|d| d.bind(py).get().reply.lock().take());
+    taken.unwrap_or_else(|| oneshot::channel().0)
+}
+
+fn event_loop(py: Python<'_>, shared: &Shared) -> PyResult<Py<PyAny>> {
+    if let Some(l) = shared.aio.lock().as_ref() {
+        return Ok(l.clone_ref(py));
+    }
+    let created = http_runtime(py)?.event_loop.bind(py).call0()?.unbind();
+    let mut aio = shared.aio.lock();
+    match aio.as_ref() {
+        Some(existing) => {
+            let existing = existing.clone_ref(py);
+            drop(aio);
+            created.bind(py).call_method1("stop", (0.0,))?;
+            Ok(existing)
+        }
+        None => {
+            *aio = Some(created.clone_ref(py));
+            Ok(created)
+        }
+    }
+}
+
+/// A 500 (logged with its traceback) or the status of an `HTTPError`.
+fn failure(py: Python<'_>, err: PyErr, method: &str, path: &str) -> HttpResponse {
+    let Ok(rt) = http_runtime(py) else {
+        return error_response(500, "Internal Server Error", &[]);
+    };
+    let exc = err.into_value(py).into_bound(py);
+    if exc.is_instance(rt.http_error.bind(py)).unwrap_or(false) {
+        let status = exc
+            .getattr("status_code")
+            .and_then(|s| s.extract::<u16>())
+            .unwrap_or(500);
+        let detail = exc
+            .getattr("detail")
+            .and_then(|d| d.str().map(|s| s.to_string()))
+            .unwrap_or_default();
+        return error_response(status, &detail, &[]);
+    }
+    let message = format!("{method} {path} raised an exception");
+    if let Err(e) = rt.report.bind(py).call1(("error", message, exc)) {
+        e.print(py);
+    }
+    error_response(500, "Internal Server Error", &[])
+}
+
+/// Completion of an `async def` handler, called on the event loop thread.
+#[pyclass(frozen, module = "catzilla._catzilla")]
+pub struct HttpAsyncDone {
+    reply: Mutex<Option<Reply>>,
+    method: String,
+    path: String,
+}
+
+#[pymethods]
+impl HttpAsyncDone {
+    fn __call__(&self, py: Python<'_>, kind: u8, value: Bound<'_, PyAny>) {
+        let guard = ParkOnForcedUnwind;
+        let Some(reply) = self.reply.lock().take() else {
+            guard.disarm();
+            return;
+        };
+        let response = match kind {
+            0 => to_http(&value).unwrap_or_else(|err| failure(py, err, &self.method, &self.path)),
+            1 => failure(py, PyErr::from_value(value), &self.method, &self.path),
+            _ => error_response(503, "Service Unavailable: the server is shutting down", &[]),
+        };
+        let _ = reply.send(response);
+        guard.disarm();
+    }
+}
