@@ -10,7 +10,6 @@ from types import FrameType
 from typing import Any, ParamSpec, TypeVar, overload
 
 from ._catzilla import Server
-
 from .background_tasks import (
     BackgroundTasks,
     EngineStats,
@@ -19,7 +18,6 @@ from .background_tasks import (
     TaskResult,
     task,
 )
-
 from .web import make_adapter
 
 P = ParamSpec("P")

@@ -106,7 +106,7 @@ def _convert(kind: str, name: str, convert: Converter, raw: str) -> Any:
     try:
         return convert(raw)
     except ValueError:
-        wanted = getattr(convert, "__name__", "value").lstrip("_to_")
+        wanted = getattr(convert, "__name__", "value").removeprefix("_to_")
         raise HTTPError(422, f"{kind} parameter {name!r} must be {wanted}, got {raw!r}") from None
 
 
