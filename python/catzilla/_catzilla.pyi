@@ -153,3 +153,119 @@ class AsyncDone:
     """Reports the end of a coroutine task to the engine (internal)."""
 
     def __call__(self, kind: int, value: Any, /) -> None: ...
+
+# Web layer
+
+def _init_http(spec: dict[str, Any]) -> None:
+    """Hands the web layer its helpers and exception classes (once)."""
+
+@final
+class Request:
+    """An HTTP request, as a handler receives it."""
+
+    @property
+    def method(self) -> str:
+        """The HTTP method, upper case."""
+    @property
+    def path(self) -> str:
+        """The path, without the query string."""
+    @property
+    def query_string(self) -> str:
+        """The raw query string ("" when there is none)."""
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers by lower-case name; repeated headers joined with ", "."""
+    @property
+    def query_params(self) -> dict[str, str]:
+        """Decoded query parameters; the first value wins for a repeated name."""
+    @property
+    def path_params(self) -> dict[str, str]:
+        """Values of the route's ``{name}`` parameters."""
+    @property
+    def body(self) -> bytes:
+        """The raw body."""
+    @property
+    def client(self) -> tuple[str, int] | None:
+        """The client's (host, port)."""
+    def text(self) -> str:
+        """The body decoded as UTF-8."""
+    def json(self) -> Any:
+        """The body parsed as JSON; raises ``BadRequestError`` (400) when invalid."""
+
+@disjoint_base
+class Response:
+    """An HTTP response. ``body`` is str or bytes; ``content_type`` defaults to
+    text/plain. A ``status_code`` outside 100-599 raises ``ValueError``."""
+
+    def __new__(
+        cls,
+        body: str | bytes | None = None,
+        status_code: int = 200,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> Self: ...
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def content_type(self) -> str: ...
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra headers; a mutable dict."""
+
+class JSONResponse(Response):
+    """A response whose body is ``data`` as JSON (dicts, lists, str, numbers,
+    bools, None, enums, and date/time objects as ISO 8601 text)."""
+
+    def __new__(
+        cls, data: Any = None, status_code: int = 200, headers: dict[str, str] | None = None
+    ) -> Self: ...
+
+class HTMLResponse(Response):
+    """A response with an HTML body."""
+
+    def __new__(
+        cls,
+        body: str | bytes | None = None,
+        status_code: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> Self: ...
+
+class PlainTextResponse(Response):
+    """A response with a plain-text body."""
+
+    def __new__(
+        cls,
+        body: str | bytes | None = None,
+        status_code: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> Self: ...
+
+@final
+class Server:
+    """The native HTTP server behind ``Catzilla.listen`` (internal)."""
+
+    def __new__(
+        cls,
+        *,
+        routes: list[tuple[str, str, Callable[[Request], Any]]],
+        max_body_size: int,
+        handler_threads: int,
+        io_threads: int,
+        header_read_timeout: float,
+    ) -> Self: ...
+    def bind(self, host: str, port: int) -> tuple[str, int]:
+        """Binds the socket; raises ``OSError`` (e.g. the port is in use)."""
+    def serve(self) -> None:
+        """Serves until ``request_shutdown``; runs Python signal handlers meanwhile."""
+    def request_shutdown(self) -> None:
+        """Makes ``serve`` return; safe from signal handlers and other threads."""
+    def stop(self, grace: float = 10.0) -> bool:
+        """Stops accepting and lets in-flight requests finish for ``grace`` seconds."""
+
+@final
+class HttpAsyncDone:
+    """Reports the end of an ``async def`` handler to the server (internal)."""
+
+    def __call__(self, kind: int, value: Any, /) -> None: ...

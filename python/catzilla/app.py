@@ -141,15 +141,15 @@ class Catzilla:
             server.request_shutdown()
 
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):
-                    previous[sig] = signal.signal(sig, stop_on_signal)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
+                    previous[signum] = signal.signal(signum, stop_on_signal)
         try:
             server.serve()
         finally:
             server.stop(self.shutdown_grace)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
             if self.tasks is not None and not self.tasks.is_shutdown:
                 self.tasks.shutdown(wait_for_completion=True, timeout=self.tasks.exit_timeout)
             self._server = None
