@@ -51,14 +51,10 @@ _init_http(
 )
 
 
-class Path:
-    """Marks a handler parameter as a path parameter: ``task_id: str = Path(...)``.
+class PathParam:
+    """The marker ``Path()`` returns."""
 
-    The value comes from the route's ``{task_id}`` and is converted to the
-    parameter's annotation (``str``, ``int``, ``float`` or ``bool``).
-    """
-
-    def __init__(self, default: Any = ..., *, description: str | None = None) -> None:
+    def __init__(self, default: Any, description: str | None) -> None:
         self.default = default
         self.description = description
 
@@ -66,21 +62,37 @@ class Path:
         return f"Path({self.default!r})"
 
 
-class Query:
-    """Marks a handler parameter as a query parameter: ``limit: int = Query(10)``.
+class QueryParam:
+    """The marker ``Query()`` returns."""
 
-    ``Query(...)`` (no default) makes it required: a request without it gets 400.
-    """
-
-    def __init__(
-        self, default: Any = None, *, alias: str | None = None, description: str | None = None
-    ) -> None:
+    def __init__(self, default: Any, alias: str | None, description: str | None) -> None:
         self.default = default
         self.alias = alias
         self.description = description
 
     def __repr__(self) -> str:
         return f"Query({self.default!r})"
+
+
+def Path(default: Any = ..., *, description: str | None = None) -> Any:  # noqa: N802
+    """Marks a handler parameter as a path parameter: ``task_id: str = Path(...)``.
+
+    The value comes from the route's ``{task_id}`` and is converted to the
+    parameter's annotation (``str``, ``int``, ``float`` or ``bool``); a value
+    that does not convert answers 422.
+    """
+    return PathParam(default, description)
+
+
+def Query(  # noqa: N802
+    default: Any = None, *, alias: str | None = None, description: str | None = None
+) -> Any:
+    """Marks a handler parameter as a query parameter: ``limit: int = Query(10)``.
+
+    ``Query(...)`` makes it required: a request without it answers 400. A value
+    that does not convert to the annotation answers 422.
+    """
+    return QueryParam(default, alias, description)
 
 
 Converter = Callable[[str], Any]
@@ -139,12 +151,12 @@ def make_adapter(
             continue
         elif param.name in route_params:
             from_path.append((param.name, _converter(annotation)))
-        elif isinstance(param.default, Path):
+        elif isinstance(param.default, PathParam):
             raise ValueError(
                 f"handler {handler.__qualname__} declares Path parameter {param.name!r}, "
                 f"but the route {path!r} has no {{{param.name}}}"
             )
-        elif isinstance(param.default, Query):
+        elif isinstance(param.default, QueryParam):
             name = param.default.alias or param.name
             from_query.append((param.name, name, _converter(annotation), param.default.default))
         elif param.default is inspect.Parameter.empty:
