@@ -182,43 +182,37 @@ impl JSONResponse {
     }
 }
 
-/// A response with an HTML body.
-#[pyclass(extends = Response, subclass, frozen, module = "catzilla._catzilla")]
-pub struct HTMLResponse;
+macro_rules! text_response {
+    ($name:ident, $content_type:expr, $doc:literal) => {
+        #[doc = $doc]
+        #[pyclass(extends = Response, subclass, frozen, module = "catzilla._catzilla")]
+        pub struct $name;
 
-#[pymethods]
-impl HTMLResponse {
-    #[new]
-    #[pyo3(signature = (body=None, status_code=200, headers=None))]
-    fn new(
-        py: Python<'_>,
-        body: Option<&Bound<'_, PyAny>>,
-        status_code: u16,
-        headers: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<PyClassInitializer<Self>> {
-        let base = Response::build(py, status_code, body_bytes(body)?, HTML.into(), headers)?;
-        Ok(PyClassInitializer::from(base).add_subclass(HTMLResponse))
-    }
+        #[pymethods]
+        impl $name {
+            #[new]
+            #[pyo3(signature = (body=None, status_code=200, headers=None))]
+            fn new(
+                py: Python<'_>,
+                body: Option<&Bound<'_, PyAny>>,
+                status_code: u16,
+                headers: Option<&Bound<'_, PyDict>>,
+            ) -> PyResult<PyClassInitializer<Self>> {
+                let content_type = String::from($content_type);
+                let base =
+                    Response::build(py, status_code, body_bytes(body)?, content_type, headers)?;
+                Ok(PyClassInitializer::from(base).add_subclass($name))
+            }
+        }
+    };
 }
 
-/// A response with a plain-text body.
-#[pyclass(extends = Response, subclass, frozen, module = "catzilla._catzilla")]
-pub struct PlainTextResponse;
-
-#[pymethods]
-impl PlainTextResponse {
-    #[new]
-    #[pyo3(signature = (body=None, status_code=200, headers=None))]
-    fn new(
-        py: Python<'_>,
-        body: Option<&Bound<'_, PyAny>>,
-        status_code: u16,
-        headers: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<PyClassInitializer<Self>> {
-        let base = Response::build(py, status_code, body_bytes(body)?, TEXT.into(), headers)?;
-        Ok(PyClassInitializer::from(base).add_subclass(PlainTextResponse))
-    }
-}
+text_response!(HTMLResponse, HTML, "A response with an HTML body.");
+text_response!(
+    PlainTextResponse,
+    TEXT,
+    "A response with a plain-text body."
+);
 
 /// A JSON response built in Rust, for errors and plain dict results.
 pub fn json_response(status: u16, body: Vec<u8>) -> HttpResponse {

@@ -28,7 +28,7 @@ use super::http_runtime;
 use super::request::Request;
 use super::response::{error_response, to_http, HttpResponse};
 use super::router::{Match, Router};
-use crate::py::runtime::ParkOnForcedUnwind;
+use crate::py::runtime::{lazy_event_loop, ParkOnForcedUnwind};
 
 const BATCH_BUDGET: Duration = Duration::from_millis(2);
 
@@ -201,8 +201,14 @@ impl Server {
         }
         let threads = running.threads;
         let runtime = running.runtime;
+        let deadline = Instant::now() + grace.max(Duration::from_secs(1));
         py.detach(move || {
-            for t in threads {
+            // NOTE: a handler stuck in Python must not hang shutdown: threads
+            // that have not finished by the deadline are left to the process.
+            while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            for t in threads.into_iter().filter(|t| t.is_finished()) {
                 let _ = t.join();
             }
             runtime.shutdown_timeout(Duration::from_secs(1));
@@ -500,23 +506,7 @@ fn recover_reply(py: Python<'_>, done: Option<&Py<HttpAsyncDone>>) -> Reply {
 }
 
 fn event_loop(py: Python<'_>, shared: &Shared) -> PyResult<Py<PyAny>> {
-    if let Some(l) = shared.aio.lock().as_ref() {
-        return Ok(l.clone_ref(py));
-    }
-    let created = http_runtime(py)?.event_loop.bind(py).call0()?.unbind();
-    let mut aio = shared.aio.lock();
-    match aio.as_ref() {
-        Some(existing) => {
-            let existing = existing.clone_ref(py);
-            drop(aio);
-            created.bind(py).call_method1("stop", (0.0,))?;
-            Ok(existing)
-        }
-        None => {
-            *aio = Some(created.clone_ref(py));
-            Ok(created)
-        }
-    }
+    lazy_event_loop(py, &shared.aio, &http_runtime(py)?.event_loop)
 }
 
 /// A 500 (logged with its traceback) or the status of an `HTTPError`.

@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use super::errors::{describe, Error, Result};
-use super::runtime::{runtime, ParkOnForcedUnwind, Runtime};
+use super::runtime::{lazy_event_loop, runtime, ParkOnForcedUnwind, Runtime};
 use super::task::{parse_id, run_callbacks, Job, NewTask, Outcome, Status, TaskResult, TaskState};
 use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::{Pool, Runner, WorkerSlot};
@@ -312,26 +312,7 @@ impl Shared {
     }
 
     fn event_loop(&self, py: Python<'_>, rt: &Runtime) -> PyResult<Py<PyAny>> {
-        if let Some(l) = self.aio.lock().as_ref() {
-            return Ok(l.clone_ref(py));
-        }
-        // NOTE: created without holding the lock: starting the loop thread
-        // releases the GIL, and a worker blocked on the lock holding the GIL
-        // would deadlock with it.
-        let created = rt.event_loop.bind(py).call0()?.unbind();
-        let mut aio = self.aio.lock();
-        match aio.as_ref() {
-            Some(existing) => {
-                let existing = existing.clone_ref(py);
-                drop(aio);
-                created.bind(py).call_method1("stop", (0.0,))?;
-                Ok(existing)
-            }
-            None => {
-                *aio = Some(created.clone_ref(py));
-                Ok(created)
-            }
-        }
+        lazy_event_loop(py, &self.aio, &rt.event_loop)
     }
 
     /// A failed attempt: retry with backoff if allowed, else fail the task.

@@ -105,6 +105,35 @@ impl Runtime {
     }
 }
 
+/// The event loop thread kept in `cell`, started with `factory()` on first use.
+///
+/// NOTE: it is created without holding the lock: starting the loop thread
+/// releases the GIL, and a thread blocked on the lock while holding the GIL
+/// would deadlock with it. If two threads race, the loser's loop is stopped.
+pub fn lazy_event_loop(
+    py: Python<'_>,
+    cell: &parking_lot::Mutex<Option<Py<PyAny>>>,
+    factory: &Py<PyAny>,
+) -> PyResult<Py<PyAny>> {
+    if let Some(l) = cell.lock().as_ref() {
+        return Ok(l.clone_ref(py));
+    }
+    let created = factory.bind(py).call0()?.unbind();
+    let mut slot = cell.lock();
+    match slot.as_ref() {
+        Some(existing) => {
+            let existing = existing.clone_ref(py);
+            drop(slot);
+            created.bind(py).call_method1("stop", (0.0,))?;
+            Ok(existing)
+        }
+        None => {
+            *slot = Some(created.clone_ref(py));
+            Ok(created)
+        }
+    }
+}
+
 /// Parks the thread forever if it is unwound by something other than a Rust
 /// panic. Create it before running Python code on a thread and `disarm` it
 /// after.
