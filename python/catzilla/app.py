@@ -124,7 +124,9 @@ class Catzilla:
         installed itself still run; where none is installed, SIGINT and
         SIGTERM stop the server gracefully: no new connections, in-flight
         requests finish (up to ``shutdown_grace`` seconds), then the task
-        engine shuts down and ``listen`` returns. A port in use raises ``OSError``."""
+        engine shuts down and ``listen`` returns. A second Ctrl+C while tasks
+        drain stops waiting: unfinished tasks are cancelled and reported. A port
+        in use raises ``OSError``."""
         server = Server(
             routes=self._adapters,
             max_body_size=self.max_body_size,
@@ -136,9 +138,15 @@ class Catzilla:
         self._server = server
         print(f"catzilla serving on http://{bound_host}:{bound_port}", flush=True)
         previous: dict[int, Any] = {}
+        signals = 0
+        draining = False
 
         def stop_on_signal(signum: int, frame: FrameType | None) -> None:
+            nonlocal signals
+            signals += 1
             server.request_shutdown()
+            if signals > 1 and draining:
+                raise KeyboardInterrupt
 
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -147,12 +155,21 @@ class Catzilla:
         try:
             server.serve()
         finally:
-            server.stop(self.shutdown_grace)
-            for number, handler in previous.items():
-                signal.signal(number, handler)
-            if self.tasks is not None and not self.tasks.is_shutdown:
-                self.tasks.shutdown(wait_for_completion=True, timeout=self.tasks.exit_timeout)
-            self._server = None
+            try:
+                server.stop(self.shutdown_grace)
+                self._server = None
+                if self.tasks is not None and not self.tasks.is_shutdown:
+                    draining = True
+                    self.tasks.shutdown(
+                        wait_for_completion=signals < 2, timeout=self.tasks.exit_timeout
+                    )
+            except KeyboardInterrupt:
+                # A second signal while tasks drain: the engine has already
+                # cancelled and reported what had not finished.
+                pass
+            finally:
+                for number, handler in previous.items():
+                    signal.signal(number, handler)
 
     def stop(self) -> None:
         """Asks a running ``listen`` to stop gracefully; callable from any thread."""

@@ -1,5 +1,5 @@
-"""Every exception catzilla raises. Each is importable from here and from
-``catzilla.background_tasks``."""
+"""Every exception catzilla raises. The task errors are also importable from
+``catzilla.background_tasks``, and the web errors from ``catzilla``."""
 
 from __future__ import annotations
 

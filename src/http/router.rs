@@ -47,7 +47,17 @@ impl Router {
         Ok(())
     }
 
+    /// Finds the route for a request path as received (percent-encoded).
+    /// Escapes are decoded before matching, except `%2F`, which stays inside
+    /// its segment and becomes `/` only in parameter values.
     pub fn lookup(&self, method: &str, path: &str) -> Match {
+        let decoded;
+        let path = if path.contains('%') {
+            decoded = decode(path, true);
+            decoded.as_str()
+        } else {
+            path
+        };
         let Ok(found) = self.tree.at(path) else {
             return Match::NotFound;
         };
@@ -61,7 +71,7 @@ impl Router {
                 params: found
                     .params
                     .iter()
-                    .map(|(k, v)| (k.to_string(), percent_decode(v)))
+                    .map(|(k, v)| (k.to_string(), unescape_slashes(v)))
                     .collect(),
             },
             None => Match::MethodNotAllowed(methods.keys().cloned().collect()),
@@ -69,8 +79,21 @@ impl Router {
     }
 }
 
-/// Decodes `%XX` escapes in a path segment; invalid UTF-8 is replaced.
+/// Decodes `%XX` escapes; invalid UTF-8 is replaced.
 pub fn percent_decode(s: &str) -> String {
+    decode(s, false)
+}
+
+fn unescape_slashes(s: &str) -> String {
+    if s.contains('%') {
+        s.replace("%2F", "/").replace("%2f", "/")
+    } else {
+        s.to_string()
+    }
+}
+
+/// Decodes `%XX` escapes, leaving `%2F` as it is when `keep_slash`.
+fn decode(s: &str, keep_slash: bool) -> String {
     if !s.contains('%') {
         return s.to_string();
     }
@@ -80,7 +103,10 @@ pub fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'%' && i + 2 < bytes.len() {
             let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            if let Some(v) = hex
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .filter(|v| !(keep_slash && *v == b'/'))
+            {
                 out.push(v);
                 i += 3;
                 continue;
@@ -148,6 +174,30 @@ mod tests {
             r.lookup("DELETE", "/tasks"),
             Match::MethodNotAllowed(vec!["GET".into(), "POST".into()])
         );
+    }
+
+    #[test]
+    fn encoded_paths_match_decoded_routes() {
+        let mut r = router();
+        r.insert("GET", "/café", 7).unwrap();
+        r.insert("GET", "/hello world/{name}", 8).unwrap();
+        assert!(matches!(
+            r.lookup("GET", "/caf%C3%A9"),
+            Match::Found { handler: 7, .. }
+        ));
+        assert!(matches!(
+            r.lookup("GET", "/t%61sks"),
+            Match::Found { handler: 2, .. }
+        ));
+        assert_eq!(
+            r.lookup("GET", "/hello%20world/a%2Fb"),
+            Match::Found {
+                handler: 8,
+                params: vec![("name".into(), "a/b".into())]
+            }
+        );
+        // An encoded slash does not split a segment.
+        assert_eq!(r.lookup("GET", "/tasks%2Fx"), Match::NotFound);
     }
 
     #[test]

@@ -366,21 +366,46 @@ impl Engine {
             return Ok(report.clone_ref(py));
         }
         let timeout = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::MAX);
-        let report = self.stop(py, wait_for_completion, timeout)?;
+        let (report, interrupted) = self.stop(py, wait_for_completion, timeout)?;
         *self.report.lock() = Some(report.clone_ref(py));
-        Ok(report)
+        match interrupted {
+            Some(err) => Err(err),
+            None => Ok(report),
+        }
     }
 }
 
 impl Engine {
-    fn stop(&self, py: Python<'_>, wait: bool, timeout: Duration) -> PyResult<Py<PyDict>> {
+    /// Stops the engine; returns the report, and the exception a signal
+    /// handler raised if one cut the drain short.
+    fn stop(
+        &self,
+        py: Python<'_>,
+        wait: bool,
+        timeout: Duration,
+    ) -> PyResult<(Py<PyDict>, Option<PyErr>)> {
         let rt = runtime(py)?;
         let shared = &self.shared;
         let deadline = crate::tasks::scheduler::due_after(Instant::now(), timeout);
         shared.sched.close_intake();
+        // NOTE: waits in 50 ms slices so a signal (a second Ctrl+C) can cut the
+        // drain short; what is left is then cancelled and reported as usual.
+        let mut interrupted = None;
         if wait {
-            py.detach(|| shared.sched.wait_settled(deadline));
+            loop {
+                let until = deadline.min(Instant::now() + Duration::from_millis(50));
+                if py.detach(|| shared.sched.wait_settled(deadline, until))
+                    || Instant::now() >= deadline
+                {
+                    break;
+                }
+                if let Err(err) = py.check_signals() {
+                    interrupted = Some(err);
+                    break;
+                }
+            }
         }
+        let wait = wait && interrupted.is_none();
         let left = shared.sched.stop();
         let mut cancelled = Vec::with_capacity(left.len());
         for job in left {
@@ -466,7 +491,7 @@ impl Engine {
         report.set_item("drained", cancelled.is_empty() && running.is_empty())?;
         report.set_item("cancelled", PyList::new(py, &cancelled)?)?;
         report.set_item("still_running", PyList::new(py, &running)?)?;
-        Ok(report.unbind())
+        Ok((report.unbind(), interrupted))
     }
 
     fn stats(&self) -> EngineStats {
@@ -554,10 +579,9 @@ impl Drop for Engine {
         if self.report.lock().is_some() {
             return;
         }
-        Python::try_attach(|py| {
-            if let Err(err) = self.stop(py, false, Duration::ZERO) {
-                err.print(py);
-            }
+        Python::try_attach(|py| match self.stop(py, false, Duration::ZERO) {
+            Err(err) | Ok((_, Some(err))) => err.print(py),
+            Ok(_) => {}
         });
     }
 }

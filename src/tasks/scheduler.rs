@@ -231,22 +231,23 @@ impl<T> Scheduler<T> {
     }
 
     /// Waits until no work is ready or in flight and nothing scheduled falls
-    /// due before `deadline`. Returns whether that state was reached.
-    pub fn wait_settled(&self, deadline: Instant) -> bool {
+    /// due before `horizon`, or until `until` passes, whichever comes first.
+    /// Returns whether that state was reached.
+    pub fn wait_settled(&self, horizon: Instant, until: Instant) -> bool {
         let mut st = self.state.lock();
         loop {
-            let timer_clear = st.timer.next_due().is_none_or(|d| d > deadline);
+            let timer_clear = st.timer.next_due().is_none_or(|d| d > horizon);
             if st.in_flight == 0 && st.lanes.is_empty() && timer_clear {
                 return true;
             }
-            let wake = match st.timer.next_due() {
-                Some(d) if d < deadline => d.max(Instant::now() + Duration::from_millis(1)),
-                _ => deadline,
-            };
-            if self.settled.wait_until(&mut st, wake).timed_out() && Instant::now() >= deadline {
-                let timer_clear = st.timer.next_due().is_none_or(|d| d > deadline);
-                return st.in_flight == 0 && st.lanes.is_empty() && timer_clear;
+            if Instant::now() >= until {
+                return false;
             }
+            let wake = match st.timer.next_due() {
+                Some(d) if d < until => d.max(Instant::now() + Duration::from_millis(1)),
+                _ => until,
+            };
+            self.settled.wait_until(&mut st, wake);
         }
     }
 
@@ -446,10 +447,12 @@ mod tests {
         let s = sched(10);
         s.submit(2, 1, Duration::from_secs(3600)).unwrap();
         // Work due after the deadline does not hold shutdown.
-        assert!(s.wait_settled(Instant::now() + Duration::from_millis(10)));
+        let soon = Instant::now() + Duration::from_millis(10);
+        assert!(s.wait_settled(soon, soon));
         s.submit(2, 2, Duration::ZERO).unwrap();
         assert_eq!(s.pop(IDLE), Pop::Job(2));
-        assert!(!s.wait_settled(Instant::now() + Duration::from_millis(30)));
+        let soon = Instant::now() + Duration::from_millis(30);
+        assert!(!s.wait_settled(soon, soon));
         let finisher = {
             let s = s.clone();
             thread::spawn(move || {
@@ -457,7 +460,8 @@ mod tests {
                 s.finish(1);
             })
         };
-        assert!(s.wait_settled(Instant::now() + Duration::from_secs(5)));
+        let later = Instant::now() + Duration::from_secs(5);
+        assert!(s.wait_settled(later, later));
         finisher.join().unwrap();
     }
 }
