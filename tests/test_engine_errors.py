@@ -362,3 +362,19 @@ def test_every_task_error_is_exported_from_errors_and_background_tasks():
 def test_priority_members_are_accepted(engine):
     for p in TaskPriority:
         assert engine.add_task(lambda p=p: p, priority=p).wait(DEADLINE) is p
+
+
+def test_rust_panic_in_a_task_fails_the_task_and_the_worker_survives(make_engine):
+    from catzilla._catzilla import _panic_probe
+
+    e = make_engine(workers=1, max_workers=1)
+    r = e.add_task(_panic_probe, "boom", max_retries=3)
+    # The panic unwinds back into the worker, which contains it: the task
+    # fails at once (not retried) and the same single worker carries on.
+    with pytest.raises(errors.TaskPanicError, match="panic probe: boom"):
+        r.wait(DEADLINE)
+    assert r.status is TaskStatus.FAILED
+    assert r.attempts == 1
+    assert e.get_stats().panics_contained == 1
+    assert e.add_task(lambda: "alive").wait(DEADLINE) == "alive"
+    assert e.get_stats().total_workers == 1

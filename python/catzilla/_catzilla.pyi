@@ -10,6 +10,9 @@ from catzilla.background_tasks import TaskPriority, TaskStatus
 def _init_runtime(spec: dict[str, Any]) -> None:
     """Hands the enums, exception classes and helpers to the native layer (once)."""
 
+def _panic_probe(message: str) -> None:
+    """Panics in Rust on purpose (the tests use it to show panics are contained)."""
+
 @final
 class TaskResult:
     """The handle of one background task."""

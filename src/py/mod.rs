@@ -15,5 +15,13 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stats::EngineStats>()?;
     m.add_class::<engine::AsyncDone>()?;
     m.add_function(wrap_pyfunction!(runtime::_init_runtime, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_probe, m)?)?;
     Ok(())
+}
+
+/// Panics in Rust, on purpose: lets the tests show that a Rust panic inside
+/// a task fails that task and never kills a worker.
+#[pyfunction]
+fn _panic_probe(message: &str) -> PyResult<()> {
+    std::panic::panic_any(format!("panic probe: {message}"))
 }
