@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -11,6 +12,11 @@ from typing import Any
 OK, ERROR, TIMEOUT, CANCELLED = 0, 1, 2, 3
 
 Done = Callable[[int, Any], None]
+
+#: The handle of the coroutine task running in the current context.
+current_task_handle: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "catzilla_current_task", default=None
+)
 
 
 class EventLoopThread:
@@ -37,13 +43,23 @@ class EventLoopThread:
         finally:
             self.loop.close()
 
-    def submit(self, awaitable: Awaitable[Any], timeout: float | None, done: Done) -> None:
-        """Starts ``awaitable`` on the loop; ``done(code, value)`` reports its end."""
-        self.loop.call_soon_threadsafe(self._start, awaitable, timeout, done)
+    def submit(
+        self, awaitable: Awaitable[Any], timeout: float | None, done: Done, handle: Any = None
+    ) -> None:
+        """Starts ``awaitable`` on the loop; ``done(code, value)`` reports its end.
+        ``handle`` is what ``current_task()`` returns inside it."""
+        self.loop.call_soon_threadsafe(self._start, awaitable, timeout, done, handle)
 
-    def _start(self, awaitable: Awaitable[Any], timeout: float | None, done: Done) -> None:
+    def _start(
+        self, awaitable: Awaitable[Any], timeout: float | None, done: Done, handle: Any
+    ) -> None:
         try:
-            task = asyncio.ensure_future(awaitable, loop=self.loop)
+            if handle is not None and asyncio.iscoroutine(awaitable):
+                context = contextvars.copy_context()
+                context.run(current_task_handle.set, handle)
+                task = self.loop.create_task(awaitable, context=context)
+            else:
+                task = asyncio.ensure_future(awaitable, loop=self.loop)
         except BaseException as exc:  # noqa: BLE001 - reported as the task's error
             done(ERROR, exc)
             return

@@ -10,6 +10,9 @@ from catzilla.background_tasks import TaskPriority, TaskStatus
 def _init_runtime(spec: dict[str, Any]) -> None:
     """Hands the enums, exception classes and helpers to the native layer (once)."""
 
+def _current_task() -> TaskResult | None:
+    """The handle of the sync task running on this thread, if any."""
+
 def _panic_probe(message: str) -> None:
     """Panics in Rust on purpose (the tests use it to show panics are contained)."""
 
@@ -32,6 +35,27 @@ class TaskResult:
     @property
     def errors(self) -> list[BaseException]:
         """The exception of every failed attempt, oldest first."""
+    @property
+    def name(self) -> str:
+        """The task function's import name, ``module.qualname``."""
+    @property
+    def progress(self) -> float:
+        """Progress in percent as the task last reported it; 100 once completed."""
+    @property
+    def current_step(self) -> str | None:
+        """The step the task last reported."""
+    @property
+    def created_at(self) -> float:
+        """When the task was added (seconds since the Unix epoch)."""
+    @property
+    def started_at(self) -> float | None:
+        """When its first attempt started."""
+    @property
+    def finished_at(self) -> float | None:
+        """When it reached a final state."""
+    def set_progress(self, percent: float, step: str | None = None) -> None:
+        """Reports progress (0-100) and optionally the current step. Raises
+        ``TypeError`` for a non-number and ``ValueError`` outside 0-100."""
     def is_ready(self) -> bool:
         """True once the task completed, failed or was cancelled."""
     def wait(self, timeout: float | None = None) -> Any:
@@ -141,6 +165,8 @@ class Engine:
         """The handle of a task the engine still retains, else None."""
     def get_stats(self) -> EngineStats:
         """A snapshot of every statistic."""
+    def _list(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskResult]:
+        """Handles of retained tasks, newest first, filtered by status."""
     def get_profile(self) -> dict[str, dict[str, float]]:
         """Per-function count, failures and run times (with ``enable_profiling``)."""
     @property

@@ -14,8 +14,10 @@ from .background_tasks import (
     BackgroundTasks,
     EngineStats,
     TaskFunction,
+    TaskInfo,
     TaskPriority,
     TaskResult,
+    TaskStatus,
     task,
 )
 from .web import make_adapter
@@ -238,3 +240,11 @@ class Catzilla:
     def get_task_result(self, task_id: str) -> TaskResult | None:
         """The handle of a retained task by id, or None."""
         return self._engine().get_result(task_id)
+
+    def get_task(self, task_id: str) -> TaskInfo | None:
+        """The state of a task by id (``TaskInfo``), or None for an unknown id."""
+        return self._engine().get_task(task_id)
+
+    def list_tasks(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskInfo]:
+        """Retained tasks, newest first, optionally only those with ``status``."""
+        return self._engine().list_tasks(status=status, limit=limit)

@@ -11,14 +11,17 @@ import functools
 import logging
 import os
 import sys
+import traceback
 import types
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _aio
-from ._catzilla import Engine, EngineStats, TaskResult, _init_runtime
+from ._catzilla import Engine, EngineStats, TaskResult, _current_task, _init_runtime
 from .errors import (
     CatzillaError,
     EngineShutdownError,
@@ -39,6 +42,7 @@ __all__ = [
     "NonRetryableError",
     "TaskCancelledError",
     "TaskFunction",
+    "TaskInfo",
     "TaskInterrupt",
     "TaskNotReadyError",
     "TaskPanicError",
@@ -47,6 +51,7 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "TaskTimeoutError",
+    "current_task",
     "registered_tasks",
     "task",
 ]
@@ -195,6 +200,101 @@ def task(
     return wrap(func) if func is not None else wrap
 
 
+def current_task() -> TaskResult:
+    """The handle of the task running here (sync or async), for example to
+    report progress: ``current_task().set_progress(40, "parsing")``.
+
+    Raises ``RuntimeError`` outside a running task."""
+    handle = _aio.current_task_handle.get() or _current_task()
+    if handle is None:
+        raise RuntimeError("current_task() was called outside a running background task")
+    return handle
+
+
+def _timestamp(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+def _json_ready(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Enum):
+        return _json_ready(value.value)
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Everything known about one task, at the moment it was read."""
+
+    task_id: str
+    name: str
+    status: TaskStatus
+    priority: TaskPriority
+    attempts: int
+    progress: float
+    current_step: str | None
+    result: Any
+    error: dict[str, str] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_handle(cls, handle: TaskResult) -> TaskInfo:
+        """Reads a task's current state from its handle."""
+        status = handle.status
+        result = handle.result() if status is TaskStatus.COMPLETED else None
+        exc = handle.exception()
+        error = None
+        if exc is not None:
+            error = {
+                "type": type(exc).__name__,
+                "message": str(exc),
+                "traceback": "".join(traceback.format_exception(exc)),
+            }
+        created = _timestamp(handle.created_at)
+        assert created is not None
+        return cls(
+            task_id=handle.task_id,
+            name=handle.name,
+            status=status,
+            priority=handle.priority,
+            attempts=handle.attempts,
+            progress=handle.progress,
+            current_step=handle.current_step,
+            result=result,
+            error=error,
+            created_at=created,
+            started_at=_timestamp(handle.started_at),
+            finished_at=_timestamp(handle.finished_at),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: enums as their values, times as ISO 8601 text,
+        results that are not JSON types as their repr."""
+        return {
+            "task_id": self.task_id,
+            "name": self.name,
+            "status": self.status.value,
+            "priority": self.priority.name,
+            "attempts": self.attempts,
+            "progress": self.progress,
+            "current_step": self.current_step,
+            "result": _json_ready(self.result),
+            "error": self.error,
+            "created_at": self.created_at.isoformat(),
+            "started_at": None if self.started_at is None else self.started_at.isoformat(),
+            "finished_at": None if self.finished_at is None else self.finished_at.isoformat(),
+        }
+
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
@@ -328,6 +428,17 @@ class BackgroundTasks(Engine):
         return self
 
     task = staticmethod(task)
+
+    def get_task(self, task_id: str) -> TaskInfo | None:
+        """The state of a task by id, or None for an unknown (or evicted) id."""
+        handle = self.get_result(task_id)
+        return None if handle is None else TaskInfo.from_handle(handle)
+
+    def list_tasks(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskInfo]:
+        """Retained tasks, newest first, optionally only those with ``status``."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an int >= 0, got {limit!r}")
+        return [TaskInfo.from_handle(h) for h in self._list(status, limit)]
 
     def __repr__(self) -> str:
         state = "shut down" if self.is_shutdown else "running"

@@ -319,6 +319,49 @@ impl Engine {
             .map(|job| TaskResult::new(job, Arc::downgrade(&self.shared))))
     }
 
+    /// Handles of retained tasks, newest first, optionally only those whose
+    /// status is `status` (a `TaskStatus` member), at most `limit` of them.
+    #[pyo3(signature = (status=None, limit=100))]
+    fn _list(
+        &self,
+        py: Python<'_>,
+        status: Option<&Bound<'_, PyAny>>,
+        limit: usize,
+    ) -> PyResult<Vec<TaskResult>> {
+        let rt = runtime(py)?;
+        let wanted = match status {
+            None => None,
+            Some(s) => Some(
+                rt.statuses
+                    .iter()
+                    .position(|m| m.bind(py).is(s))
+                    .ok_or_else(|| {
+                        Error::WrongType("status", "a TaskStatus member or None", describe(s))
+                    })?,
+            ),
+        };
+        self.shared.evict(Instant::now());
+        let mut jobs: Vec<Job> = self
+            .shared
+            .registry
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .lock()
+                    .values()
+                    .filter(|j| wanted.is_none_or(|w| j.status() as usize == w))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        jobs.sort_unstable_by_key(|j| std::cmp::Reverse(j.seq));
+        jobs.truncate(limit);
+        Ok(jobs
+            .into_iter()
+            .map(|j| TaskResult::new(j, Arc::downgrade(&self.shared)))
+            .collect())
+    }
+
     /// A snapshot of every statistic.
     fn get_stats(&self, py: Python<'_>) -> EngineStats {
         py.detach(|| self.stats())

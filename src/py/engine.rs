@@ -13,7 +13,9 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use super::errors::{describe, Error, Result};
 use super::runtime::{lazy_event_loop, runtime, ParkOnForcedUnwind, Runtime};
-use super::task::{parse_id, run_callbacks, Job, NewTask, Outcome, Status, TaskResult, TaskState};
+use super::task::{
+    parse_id, run_callbacks, CurrentTask, Job, NewTask, Outcome, Status, TaskResult, TaskState,
+};
 use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::{Pool, Runner, WorkerSlot};
 use crate::tasks::scheduler::{Pop, Rejected, Scheduler};
@@ -197,9 +199,11 @@ impl Shared {
         }
         let profiled = self.profiling.then(|| import_name(func.bind(py)));
         let started = Instant::now();
+        let current = CurrentTask::enter(&job, self.me.clone());
         let result = func
             .bind(py)
             .call(args.bind(py), kwargs.as_ref().map(|k| k.bind(py)));
+        drop(current);
         if job.timeout.is_some() {
             self.watchdog.disarm(&slot.deadline);
             if slot.deadline.take_fired() == token {
@@ -296,8 +300,9 @@ impl Shared {
                 },
             )?;
             let timeout = job.timeout.map(|t| t.as_secs_f64());
+            let handle = TaskResult::new(job.clone(), self.me.clone());
             aio.bind(py)
-                .call_method1("submit", (awaitable, timeout, done))?;
+                .call_method1("submit", (awaitable, timeout, done, handle))?;
             Ok(())
         });
         match submitted {
@@ -358,7 +363,7 @@ impl Shared {
         outcome: Outcome,
         in_flight: bool,
     ) {
-        let (callbacks, call) = job.finish(status, outcome);
+        let (callbacks, call) = job.finish(py, status, outcome);
         drop(call);
         match status {
             Status::Completed => self.counters.completed.fetch_add(1, SeqCst),

@@ -16,6 +16,7 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::AsyncDone>()?;
     m.add_function(wrap_pyfunction!(runtime::_init_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_probe, m)?)?;
+    m.add_function(wrap_pyfunction!(task::_current_task, m)?)?;
     Ok(())
 }
 

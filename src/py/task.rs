@@ -68,9 +68,53 @@ pub enum Outcome {
 
 struct Inner {
     call: Option<Call>,
+    /// The function, kept after the arguments are released, for `name`.
+    func: Option<Py<PyAny>>,
     outcome: Outcome,
     errors: Vec<Py<PyAny>>,
     callbacks: Vec<Py<PyAny>>,
+    progress: f64,
+    step: Option<String>,
+    started_at: Option<f64>,
+    finished_at: Option<f64>,
+}
+
+/// Seconds since the Unix epoch, for timestamps users read.
+pub fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+thread_local! {
+    static CURRENT: std::cell::RefCell<Option<(Job, Weak<Shared>)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Marks `job` as the task running on this thread until the guard drops.
+pub struct CurrentTask;
+
+impl CurrentTask {
+    pub fn enter(job: &Job, shared: Weak<Shared>) -> Self {
+        CURRENT.with(|c| *c.borrow_mut() = Some((job.clone(), shared)));
+        CurrentTask
+    }
+}
+
+impl Drop for CurrentTask {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+}
+
+/// The handle of the sync task running on this thread, if any.
+#[pyfunction]
+pub fn _current_task() -> Option<TaskResult> {
+    CURRENT.with(|c| {
+        c.borrow()
+            .as_ref()
+            .map(|(job, shared)| TaskResult::new(job.clone(), shared.clone()))
+    })
 }
 
 pub struct TaskState {
@@ -80,6 +124,7 @@ pub struct TaskState {
     pub max_retries: u32,
     pub timeout: Option<Duration>,
     pub created: Instant,
+    pub created_at: f64,
     /// Estimated bytes this task holds while it is not finished.
     pub footprint: u64,
     status: AtomicU8,
@@ -138,15 +183,21 @@ impl TaskState {
             max_retries: t.max_retries,
             timeout: t.timeout,
             created: Instant::now(),
+            created_at: epoch_now(),
             footprint: t.footprint,
             status: AtomicU8::new(status as u8),
             attempts: AtomicU32::new(0),
             started_ns: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 call: Some(t.call),
+                func: None,
                 outcome: Outcome::Pending,
                 errors: Vec::new(),
                 callbacks: Vec::new(),
+                progress: 0.0,
+                step: None,
+                started_at: None,
+                finished_at: None,
             }),
             done: Condvar::new(),
         }
@@ -195,6 +246,11 @@ impl TaskState {
             .compare_exchange(cur, Status::Running as u8, SeqCst, SeqCst)
             .ok()?;
         self.started_ns.store(started_ns, SeqCst);
+        let mut inner = self.inner.lock();
+        if inner.started_at.is_none() {
+            inner.started_at = Some(epoch_now());
+        }
+        drop(inner);
         Some(self.attempts.fetch_add(1, SeqCst) + 1)
     }
 
@@ -222,13 +278,24 @@ impl TaskState {
     /// Records the final outcome, wakes waiters and hands back the
     /// callbacks to run. Released objects are dropped by the caller, after
     /// the lock is gone, since dropping them may run Python code.
-    pub fn finish(&self, status: Status, outcome: Outcome) -> (Vec<Py<PyAny>>, Option<Call>) {
+    pub fn finish(
+        &self,
+        py: Python<'_>,
+        status: Status,
+        outcome: Outcome,
+    ) -> (Vec<Py<PyAny>>, Option<Call>) {
         let mut inner = self.inner.lock();
         if self.status().is_final() {
             return (Vec::new(), None);
         }
         inner.outcome = outcome;
         let call = inner.call.take();
+        // The function stays (for `name`); the arguments go.
+        inner.func = call.as_ref().map(|c| c.func.clone_ref(py));
+        inner.finished_at = Some(epoch_now());
+        if status == Status::Completed {
+            inner.progress = 100.0;
+        }
         let callbacks = std::mem::take(&mut inner.callbacks);
         self.set_status(status);
         drop(inner);
@@ -324,6 +391,77 @@ impl TaskResult {
     #[getter]
     fn attempts(&self) -> u32 {
         self.state.attempts()
+    }
+
+    /// The task function's import name, `module.qualname`.
+    #[getter]
+    fn name(&self, py: Python<'_>) -> String {
+        let func = {
+            let inner = self.state.inner.lock();
+            inner
+                .call
+                .as_ref()
+                .map(|c| c.func.clone_ref(py))
+                .or_else(|| inner.func.as_ref().map(|f| f.clone_ref(py)))
+        };
+        func.map(|f| super::engine::import_name(f.bind(py)))
+            .unwrap_or_default()
+    }
+
+    /// Progress in percent (0-100), as the task last reported it; 100 once completed.
+    #[getter]
+    fn progress(&self) -> f64 {
+        self.state.inner.lock().progress
+    }
+
+    /// The step the task last reported, if any.
+    #[getter]
+    fn current_step(&self) -> Option<String> {
+        self.state.inner.lock().step.clone()
+    }
+
+    /// When the task was added, in seconds since the Unix epoch.
+    #[getter]
+    fn created_at(&self) -> f64 {
+        self.state.created_at
+    }
+
+    /// When its first attempt started, in seconds since the Unix epoch.
+    #[getter]
+    fn started_at(&self) -> Option<f64> {
+        self.state.inner.lock().started_at
+    }
+
+    /// When it reached a final state, in seconds since the Unix epoch.
+    #[getter]
+    fn finished_at(&self) -> Option<f64> {
+        self.state.inner.lock().finished_at
+    }
+
+    /// Reports progress: `percent` from 0 to 100 and an optional step name.
+    #[pyo3(signature = (percent, step=None))]
+    fn set_progress(&self, percent: &Bound<'_, PyAny>, step: Option<String>) -> PyResult<()> {
+        if percent.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(
+                Error::WrongType("percent", "a number from 0 to 100", describe(percent)).into(),
+            );
+        }
+        let value: f64 = percent.extract().map_err(|_| {
+            Error::WrongType("percent", "a number from 0 to 100", describe(percent))
+        })?;
+        if !(0.0..=100.0).contains(&value) {
+            return Err(Error::BadValue(
+                "percent",
+                format!("must be between 0 and 100, got {value}"),
+            )
+            .into());
+        }
+        let mut inner = self.state.inner.lock();
+        inner.progress = value;
+        if step.is_some() {
+            inner.step = step;
+        }
+        Ok(())
     }
 
     /// The exception of every failed attempt, oldest first.
