@@ -759,3 +759,51 @@ def test_second_sigint_stops_the_drain_and_reports_what_was_left(
     finished = sum(f"task t{i} completed" in out for i in range(count))
     assert finished < count
     assert "shutdown cancelled" in out, out
+
+
+def test_a_full_backlog_is_shed_with_503_and_the_server_recovers():
+    app = Catzilla(handler_threads=1, max_pending_requests=1)
+    release = threading.Event()
+
+    @app.get("/hold")
+    def hold() -> dict:
+        release.wait(DEADLINE)
+        return {"held": True}
+
+    @app.get("/ping")
+    def ping() -> dict:
+        return {"pong": True}
+
+    port = free_port()
+    t = threading.Thread(target=app.listen, kwargs={"port": port}, daemon=True)
+    t.start()
+    client = Client("127.0.0.1", port)
+    try:
+
+        def answers() -> Reply | None:
+            try:
+                return client.get("/ping")
+            except ConnectionRefusedError:
+                return None
+
+        wait_until(answers, what="the in-process server")
+        with ThreadPoolExecutor(6) as pool:
+            # One request holds the only handler thread, one waits in the
+            # backlog of one; the others find it full.
+            futures = [pool.submit(client.get, "/hold") for _ in range(6)]
+            shed = wait_until(
+                lambda: [f.result() for f in futures if f.done()] or None,
+                what="the shed requests",
+            )
+            release.set()
+            replies = [f.result() for f in futures]
+        assert shed and all(r.status == 503 for r in shed)
+        statuses = sorted(r.status for r in replies)
+        assert statuses.count(200) >= 2 and statuses.count(503) >= 1, statuses
+        assert all(r.header("retry-after") == "1" for r in replies if r.status == 503)
+        assert client.get("/ping").json() == {"pong": True}
+    finally:
+        release.set()
+        app.stop()
+        t.join(DEADLINE)
+    assert not t.is_alive()

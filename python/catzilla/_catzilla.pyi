@@ -283,6 +283,7 @@ class Server:
         handler_threads: int,
         io_threads: int,
         header_read_timeout: float,
+        max_pending_requests: int,
     ) -> Self: ...
     def bind(self, host: str, port: int) -> tuple[str, int]:
         """Binds the socket; raises ``OSError`` (e.g. the port is in use)."""

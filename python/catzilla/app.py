@@ -38,7 +38,9 @@ class Catzilla:
     ``handler_threads`` is how many Python threads run sync handlers,
     ``io_threads`` how many threads do network I/O, ``header_read_timeout``
     how long a client may take to send its headers, and ``shutdown_grace``
-    how long in-flight requests may take to finish at shutdown. Other keyword
+    how long in-flight requests may take to finish at shutdown, and
+    ``max_pending_requests`` how many requests may wait for a handler thread
+    before new ones are answered 503 with ``Retry-After``. Other keyword
     arguments of the original Catzilla (``production``, ...) are accepted and
     ignored, so existing code keeps working.
     """
@@ -51,12 +53,14 @@ class Catzilla:
         io_threads: int = 1,
         header_read_timeout: float = 10.0,
         shutdown_grace: float = 10.0,
+        max_pending_requests: int = 4096,
         **_compat: Any,
     ) -> None:
         for name, value in (
             ("max_body_size", max_body_size),
             ("handler_threads", handler_threads),
             ("io_threads", io_threads),
+            ("max_pending_requests", max_pending_requests),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -66,6 +70,7 @@ class Catzilla:
         self.io_threads = io_threads
         self.header_read_timeout = float(header_read_timeout)
         self.shutdown_grace = float(shutdown_grace)
+        self.max_pending_requests = max_pending_requests
         self.routes: list[tuple[str, str, Callable[..., Any]]] = []
         self._adapters: list[tuple[str, str, Callable[..., Any]]] = []
         self._server: Server | None = None
@@ -135,6 +140,7 @@ class Catzilla:
             handler_threads=self.handler_threads,
             io_threads=self.io_threads,
             header_read_timeout=self.header_read_timeout,
+            max_pending_requests=self.max_pending_requests,
         )
         bound_host, bound_port = server.bind(host, port)
         self._server = server

@@ -99,13 +99,14 @@ pub struct Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout))]
+    #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout, max_pending_requests))]
     fn new(
         routes: Vec<(String, String, Py<PyAny>)>,
         max_body_size: usize,
         handler_threads: usize,
         io_threads: usize,
         header_read_timeout: f64,
+        max_pending_requests: usize,
     ) -> PyResult<Self> {
         if handler_threads == 0 || io_threads == 0 {
             return Err(PyValueError::new_err(
@@ -123,7 +124,10 @@ impl Server {
                 .map_err(PyValueError::new_err)?;
             handlers.push(handler);
         }
-        let (tx, rx) = crossbeam_channel::unbounded();
+        if max_pending_requests == 0 {
+            return Err(PyValueError::new_err("max_pending_requests must be >= 1"));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(max_pending_requests);
         Ok(Self {
             shared: Arc::new(Shared {
                 router,
@@ -196,13 +200,14 @@ impl Server {
         let _ = running.shutdown.send(Some(grace));
         let drained = running.drained.clone();
         let clean = py.detach(|| drained.wait(Instant::now() + grace + Duration::from_secs(1)));
-        for _ in &running.threads {
-            let _ = self.shared.tx.send(Msg::Stop);
-        }
         let threads = running.threads;
         let runtime = running.runtime;
         let deadline = Instant::now() + grace.max(Duration::from_secs(1));
+        let tx = self.shared.tx.clone();
         py.detach(move || {
+            for _ in &threads {
+                let _ = tx.send_deadline(Msg::Stop, deadline);
+            }
             // NOTE: a handler stuck in Python must not hang shutdown: threads
             // that have not finished by the deadline are left to the process.
             while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
@@ -273,7 +278,7 @@ impl Drop for Server {
         if let Some(running) = self.running.lock().take() {
             let _ = running.shutdown.send(Some(Duration::ZERO));
             for _ in &running.threads {
-                let _ = self.shared.tx.send(Msg::Stop);
+                let _ = self.shared.tx.try_send(Msg::Stop);
             }
             running.runtime.shutdown_background();
         }
@@ -384,8 +389,15 @@ async fn handle(
         peer,
         reply,
     };
-    if shared.tx.send(Msg::Job(Box::new(job))).is_err() {
-        return Ok(error_response(503, "Service Unavailable", &[]));
+    if shared.tx.try_send(Msg::Job(Box::new(job))).is_err() {
+        // NOTE: every handler thread is busy and the backlog is full (or the
+        // server is stopping): shed load instead of queueing without bound.
+        let mut resp = error_response(503, "Service Unavailable: too many requests waiting", &[]);
+        resp.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        );
+        return Ok(resp);
     }
     Ok(answer
         .await
