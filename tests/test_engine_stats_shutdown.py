@@ -12,6 +12,7 @@ import time
 
 import pytest
 from catzilla.background_tasks import (
+    BackgroundTasks,
     EngineStats,
     TaskCancelledError,
     TaskPriority,
@@ -673,3 +674,78 @@ def test_exit_with_a_running_coroutine_does_not_crash():
         """
     )
     assert_clean_exit(proc)
+
+
+def test_worker_cpu_is_seen_while_a_task_runs(make_engine):
+    import time as _time
+
+    e = make_engine(workers=1, max_workers=1)
+    stop = _time.monotonic() + 3.0
+
+    def burn() -> None:
+        while _time.monotonic() < stop:
+            sum(range(1000))
+
+    r = e.add_task(burn, timeout_ms=0)
+    e.get_stats()  # first sample
+    readings = []
+
+    def busy_reading() -> bool:
+        readings.append(e.get_stats().worker_cpu_usage)
+        return readings[-1] > 20
+
+    wait_until(busy_reading, timeout=2.8, what="worker CPU while the task runs")
+    assert not r.is_ready()  # seen live, before the task ended
+    r.wait(DEADLINE)
+
+
+def test_async_counter_never_wraps(make_engine):
+    import asyncio as _asyncio
+
+    e = make_engine(workers=2)
+
+    async def instant() -> int:
+        await _asyncio.sleep(0)
+        return 1
+
+    results = [e.add_task(instant) for _ in range(3000)]
+    seen = []
+    for r in results[::100]:
+        seen.append(e.get_stats().async_tasks_running)
+        r.wait(DEADLINE)
+    for r in results:
+        r.wait(DEADLINE)
+    assert all(0 <= n <= 3000 for n in seen), max(seen)
+    wait_until(lambda: e.get_stats().async_tasks_running == 0, what="no coroutine left")
+
+
+def test_concurrent_shutdowns_share_one_report(make_engine, make_blocker):
+    import threading as _threading
+
+    e = make_engine(workers=1, max_workers=1)
+    b = make_blocker()
+    e.add_task(b)
+    b.wait_started()
+    queued = [e.add_task(lambda: None) for _ in range(3)]
+    reports = []
+    threads = [
+        _threading.Thread(target=lambda: reports.append(e.shutdown(timeout=0.2))) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE)
+    b.release()
+    assert len(reports) == 3
+    assert all(r == reports[0] for r in reports)
+    assert sorted(reports[0]["cancelled"]) == sorted(q.task_id for q in queued)
+
+
+def test_defaults_fit_many_workers_and_idle_timeout_must_be_positive():
+    e = BackgroundTasks(workers=80)
+    try:
+        assert e.config["max_workers"] == 80
+    finally:
+        e.shutdown(timeout=1)
+    with pytest.raises(ValueError, match="idle_timeout"):
+        BackgroundTasks(workers=1, idle_timeout=0)

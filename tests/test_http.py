@@ -807,3 +807,87 @@ def test_a_full_backlog_is_shed_with_503_and_the_server_recovers():
         app.stop()
         t.join(DEADLINE)
     assert not t.is_alive()
+
+
+def _serve_in_thread(app: Catzilla) -> tuple[threading.Thread, Client]:
+    port = free_port()
+    t = threading.Thread(target=app.listen, kwargs={"port": port}, daemon=True)
+    t.start()
+    client = Client("127.0.0.1", port)
+
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=DEADLINE).close()
+        except OSError:
+            return False
+        return True
+
+    wait_until(up, what="the in-process server")
+    return t, client
+
+
+def test_handler_panic_answers_500_and_the_thread_survives(caplog):
+    from catzilla._catzilla import _panic_probe
+
+    app = Catzilla(handler_threads=1)
+
+    @app.get("/panic")
+    def panic(request) -> dict:
+        _panic_probe("in a handler")
+        return {}
+
+    @app.get("/ok")
+    def ok(request) -> dict:
+        return {"ok": True}
+
+    t, client = _serve_in_thread(app)
+    try:
+        for _ in range(3):  # more panics than handler threads
+            assert client.get("/panic").status == 500
+        assert client.get("/ok").json() == {"ok": True}
+    finally:
+        app.stop()
+        t.join(DEADLINE)
+    assert "panicked" in caplog.text
+
+
+def test_route_parameter_as_first_parameter_and_invalid_http_error_status():
+    from catzilla import HTTPError
+
+    app = Catzilla()
+
+    @app.get("/items/{item_id}")
+    def item(item_id: int) -> dict:
+        return {"item_id": item_id}
+
+    @app.get("/weird")
+    def weird(request) -> dict:
+        raise HTTPError(999, "not a status")
+
+    t, client = _serve_in_thread(app)
+    try:
+        assert client.get("/items/7").json() == {"item_id": 7}
+        r = client.get("/weird")
+        assert r.status == 500
+    finally:
+        app.stop()
+        t.join(DEADLINE)
+
+
+def test_a_slow_body_gets_408():
+    app = Catzilla(body_read_timeout=0.3)
+
+    @app.post("/upload")
+    def upload(request) -> dict:
+        return {"size": len(request.body)}
+
+    t, client = _serve_in_thread(app)
+    try:
+        with socket.create_connection((client.host, client.port), timeout=DEADLINE) as s:
+            s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            reply = s.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408"), reply
+        assert client.post("/upload", body=b"abc").json() == {"size": 3}
+    finally:
+        app.stop()
+        t.join(DEADLINE)

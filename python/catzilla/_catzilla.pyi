@@ -69,7 +69,8 @@ class TaskResult:
     def exception(self) -> BaseException | None:
         """The final exception of a failed or cancelled task, else None."""
     def cancel(self) -> bool:
-        """Cancels the task if it has not started; returns whether it did."""
+        """Cancels the task while it waits in the queue (pending, scheduled, or
+        waiting to retry); returns whether it did. A running attempt is not stopped."""
     def add_callback(self, func: Callable[[TaskResult], object]) -> None:
         """Calls ``func(handle)`` once the task finishes (at once if it has), where
         ``handle`` is a ``TaskResult`` for this task (same ``task_id``). A callback
@@ -283,6 +284,7 @@ class Server:
         handler_threads: int,
         io_threads: int,
         header_read_timeout: float,
+        body_read_timeout: float,
         max_pending_requests: int,
     ) -> Self: ...
     def bind(self, host: str, port: int) -> tuple[str, int]:

@@ -39,7 +39,8 @@ class Catzilla:
     ``io_threads`` how many threads do network I/O, ``header_read_timeout``
     how long a client may take to send its headers, and ``shutdown_grace``
     how long in-flight requests may take to finish at shutdown, and
-    ``max_pending_requests`` how many requests may wait for a handler thread
+    ``body_read_timeout`` how long a request body may take to arrive (then
+    408), and ``max_pending_requests`` how many requests may wait for a handler thread
     before new ones are answered 503 with ``Retry-After``. Other keyword
     arguments of the original Catzilla (``production``, ...) are accepted and
     ignored, so existing code keeps working.
@@ -54,6 +55,7 @@ class Catzilla:
         header_read_timeout: float = 10.0,
         shutdown_grace: float = 10.0,
         max_pending_requests: int = 4096,
+        body_read_timeout: float = 30.0,
         **_compat: Any,
     ) -> None:
         for name, value in (
@@ -71,6 +73,7 @@ class Catzilla:
         self.header_read_timeout = float(header_read_timeout)
         self.shutdown_grace = float(shutdown_grace)
         self.max_pending_requests = max_pending_requests
+        self.body_read_timeout = float(body_read_timeout)
         self.routes: list[tuple[str, str, Callable[..., Any]]] = []
         self._adapters: list[tuple[str, str, Callable[..., Any]]] = []
         self._server: Server | None = None
@@ -140,6 +143,7 @@ class Catzilla:
             handler_threads=self.handler_threads,
             io_threads=self.io_threads,
             header_read_timeout=self.header_read_timeout,
+            body_read_timeout=self.body_read_timeout,
             max_pending_requests=self.max_pending_requests,
         )
         bound_host, bound_port = server.bind(host, port)

@@ -384,7 +384,7 @@ class BackgroundTasks(Engine):
         workers = _positive_int("workers", workers)
         min_workers = min(_positive_int("min_workers", min_workers), workers)
         if max_workers is None:
-            max_workers = min(64, workers * 2)
+            max_workers = max(workers, min(64, workers * 2))
         max_workers = _positive_int("max_workers", max_workers)
         if max_workers < workers:
             raise ValueError(f"max_workers ({max_workers}) must be >= workers ({workers})")
@@ -407,7 +407,7 @@ class BackgroundTasks(Engine):
             retry_backoff_ms=_non_negative("retry_backoff_ms", retry_backoff_ms),
             retry_backoff_cap_ms=_non_negative("retry_backoff_cap_ms", retry_backoff_cap_ms),
             starvation_ms=_non_negative("starvation_ms", starvation_ms),
-            idle_timeout=_non_negative("idle_timeout", idle_timeout),
+            idle_timeout=_non_negative("idle_timeout", idle_timeout, positive=True),
             default_priority=default_priority,
             default_delay_ms=default_delay_ms,
             default_max_retries=default_max_retries,

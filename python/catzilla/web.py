@@ -136,9 +136,11 @@ def make_adapter(
     except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to raw ones
         hints = {}
     params = list(signature.parameters.values())
-    takes_request = bool(params) and params[0].kind in (
-        inspect.Parameter.POSITIONAL_ONLY,
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    takes_request = (
+        bool(params)
+        and params[0].kind
+        in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        and params[0].name not in route_params
     )
     from_path: list[tuple[str, Converter]] = []
     from_query: list[tuple[str, str, Converter, Any]] = []

@@ -46,7 +46,11 @@ fn write(value: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> PyResult<
         }
     } else if let Ok(d) = value.cast::<PyDict>() {
         out.push(b'{');
-        for (n, (k, v)) in d.iter().enumerate() {
+        // NOTE: a snapshot of the items: code run while writing (isoformat,
+        // an enum's value) may change the dict, and iterating it live panics.
+        let items = d.items();
+        for (n, item) in items.iter().enumerate() {
+            let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
             if n > 0 {
                 out.push(b',');
             }
@@ -57,7 +61,8 @@ fn write(value: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> PyResult<
         out.push(b'}');
     } else if let Ok(l) = value.cast::<PyList>() {
         out.push(b'[');
-        for (n, v) in l.iter().enumerate() {
+        let items = l.to_tuple();
+        for (n, v) in items.iter().enumerate() {
             if n > 0 {
                 out.push(b',');
             }

@@ -25,9 +25,9 @@ pub struct Response {
     headers: PyOnceLock<Py<PyDict>>,
 }
 
-fn check_status(status: u16) -> PyResult<u16> {
+fn check_status(status: i64) -> PyResult<u16> {
     if (100..=599).contains(&status) {
-        Ok(status)
+        Ok(status as u16)
     } else {
         Err(PyValueError::new_err(format!(
             "status_code must be between 100 and 599, got {status}"
@@ -57,7 +57,7 @@ fn body_bytes(body: Option<&Bound<'_, PyAny>>) -> PyResult<Bytes> {
 impl Response {
     fn build(
         py: Python<'_>,
-        status: u16,
+        status: i64,
         body: Bytes,
         content_type: String,
         headers: Option<&Bound<'_, PyDict>>,
@@ -109,7 +109,7 @@ impl Response {
     fn new(
         py: Python<'_>,
         body: Option<&Bound<'_, PyAny>>,
-        status_code: u16,
+        status_code: i64,
         headers: Option<&Bound<'_, PyDict>>,
         content_type: Option<String>,
     ) -> PyResult<Self> {
@@ -170,7 +170,7 @@ impl JSONResponse {
     fn new(
         py: Python<'_>,
         data: Option<&Bound<'_, PyAny>>,
-        status_code: u16,
+        status_code: i64,
         headers: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyClassInitializer<Self>> {
         let body = match data {
@@ -195,7 +195,7 @@ macro_rules! text_response {
             fn new(
                 py: Python<'_>,
                 body: Option<&Bound<'_, PyAny>>,
-                status_code: u16,
+                status_code: i64,
                 headers: Option<&Bound<'_, PyDict>>,
             ) -> PyResult<PyClassInitializer<Self>> {
                 let content_type = String::from($content_type);

@@ -84,15 +84,33 @@ pub fn percent_decode(s: &str) -> String {
     decode(s, false)
 }
 
+/// Decodes the `%2F` and `%25` escapes that matching left in place, in one pass.
 fn unescape_slashes(s: &str) -> String {
-    if s.contains('%') {
-        s.replace("%2F", "/").replace("%2f", "/")
-    } else {
-        s.to_string()
+    if !s.contains('%') {
+        return s.to_string();
     }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let esc = rest.get(at..at + 3).unwrap_or("");
+        if esc.eq_ignore_ascii_case("%2F") {
+            out.push('/');
+            rest = &rest[at + 3..];
+        } else if esc == "%25" {
+            out.push('%');
+            rest = &rest[at + 3..];
+        } else {
+            out.push('%');
+            rest = &rest[at + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
-/// Decodes `%XX` escapes, leaving `%2F` as it is when `keep_slash`.
+/// Decodes `%XX` escapes; with `keep_slash`, `%2F` and `%25` stay encoded
+/// (so a decoded `%` is never read as the start of another escape).
 fn decode(s: &str, keep_slash: bool) -> String {
     if !s.contains('%') {
         return s.to_string();
@@ -105,7 +123,7 @@ fn decode(s: &str, keep_slash: bool) -> String {
             let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
             if let Some(v) = hex
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .filter(|v| !(keep_slash && *v == b'/'))
+                .filter(|v| !(keep_slash && (*v == b'/' || *v == b'%')))
             {
                 out.push(v);
                 i += 3;
@@ -198,6 +216,14 @@ mod tests {
         );
         // An encoded slash does not split a segment.
         assert_eq!(r.lookup("GET", "/tasks%2Fx"), Match::NotFound);
+        // An encoded percent sign is decoded once, never twice.
+        assert_eq!(
+            r.lookup("GET", "/files/a%252Fb%25"),
+            Match::Found {
+                handler: 4,
+                params: vec![("path".into(), "a%2Fb%".into())]
+            }
+        );
     }
 
     #[test]

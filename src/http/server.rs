@@ -28,9 +28,12 @@ use super::http_runtime;
 use super::request::Request;
 use super::response::{error_response, to_http, HttpResponse};
 use super::router::{Match, Router};
-use crate::py::runtime::{lazy_event_loop, ParkOnForcedUnwind};
+use crate::py::runtime::{close_event_loop, lazy_event_loop, ParkOnForcedUnwind};
+use crate::tasks::scheduler::due_after;
 
 const BATCH_BUDGET: Duration = Duration::from_millis(2);
+
+type ReplySlot = Arc<Mutex<Option<oneshot::Sender<HttpResponse>>>>;
 
 struct Job {
     handler: usize,
@@ -38,7 +41,13 @@ struct Job {
     parts: http::request::Parts,
     body: Bytes,
     peer: SocketAddr,
-    reply: oneshot::Sender<HttpResponse>,
+    reply: ReplySlot,
+}
+
+impl Job {
+    fn reply_slot(&self) -> ReplySlot {
+        self.reply.clone()
+    }
 }
 
 enum Msg {
@@ -52,7 +61,9 @@ struct Shared {
     tx: Sender<Msg>,
     rx: Receiver<Msg>,
     max_body: usize,
+    body_timeout: Duration,
     aio: Mutex<Option<Py<PyAny>>>,
+    aio_closed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -99,13 +110,15 @@ pub struct Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout, max_pending_requests))]
+    #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout, body_read_timeout, max_pending_requests))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         routes: Vec<(String, String, Py<PyAny>)>,
         max_body_size: usize,
         handler_threads: usize,
         io_threads: usize,
         header_read_timeout: f64,
+        body_read_timeout: f64,
         max_pending_requests: usize,
     ) -> PyResult<Self> {
         if handler_threads == 0 || io_threads == 0 {
@@ -116,6 +129,12 @@ impl Server {
         let header_timeout = Duration::try_from_secs_f64(header_read_timeout).map_err(|_| {
             PyValueError::new_err("header_read_timeout must be a number of seconds >= 0")
         })?;
+        let body_timeout = Duration::try_from_secs_f64(body_read_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                PyValueError::new_err("body_read_timeout must be a number of seconds > 0")
+            })?;
         let mut router = Router::default();
         let mut handlers = Vec::with_capacity(routes.len());
         for (method, path, handler) in routes {
@@ -135,7 +154,9 @@ impl Server {
                 tx,
                 rx,
                 max_body: max_body_size,
+                body_timeout,
                 aio: Mutex::new(None),
+                aio_closed: AtomicBool::new(false),
             }),
             handler_threads,
             io_threads,
@@ -199,10 +220,11 @@ impl Server {
         };
         let _ = running.shutdown.send(Some(grace));
         let drained = running.drained.clone();
-        let clean = py.detach(|| drained.wait(Instant::now() + grace + Duration::from_secs(1)));
+        let until = due_after(Instant::now(), grace + Duration::from_secs(1));
+        let clean = py.detach(|| drained.wait(until));
         let threads = running.threads;
         let runtime = running.runtime;
-        let deadline = Instant::now() + grace.max(Duration::from_secs(1));
+        let deadline = due_after(Instant::now(), grace.max(Duration::from_secs(1)));
         let tx = self.shared.tx.clone();
         py.detach(move || {
             for _ in &threads {
@@ -218,7 +240,7 @@ impl Server {
             }
             runtime.shutdown_timeout(Duration::from_secs(1));
         });
-        let aio = self.shared.aio.lock().take();
+        let aio = close_event_loop(&self.shared.aio, &self.shared.aio_closed);
         if let Some(aio) = aio {
             aio.bind(py).call_method1("stop", (1.0,))?;
         }
@@ -367,17 +389,30 @@ async fn handle(
     if declared.is_some_and(|n| n > shared.max_body) {
         return Ok(too_large(shared.max_body));
     }
-    let body = match Limited::new(body, shared.max_body).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+    let reading = tokio::time::timeout(
+        shared.body_timeout,
+        Limited::new(body, shared.max_body).collect(),
+    );
+    let body = match reading.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
             return Ok(too_large(shared.max_body))
         }
-        Err(_) => {
+        Ok(Err(_)) => {
             return Ok(error_response(
                 400,
                 "Bad Request: the body could not be read",
                 &[],
             ))
+        }
+        Err(_) => {
+            let mut resp =
+                error_response(408, "Request Timeout: the body did not arrive in time", &[]);
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            return Ok(resp);
         }
     };
     let (reply, answer) = oneshot::channel();
@@ -387,7 +422,7 @@ async fn handle(
         parts,
         body,
         peer,
-        reply,
+        reply: Arc::new(Mutex::new(Some(reply))),
     };
     if shared.tx.try_send(Msg::Job(Box::new(job))).is_err() {
         // NOTE: every handler thread is busy and the backlog is full (or the
@@ -421,7 +456,25 @@ fn handler_thread(shared: &Shared) {
         let mut job = first;
         loop {
             let guard = ParkOnForcedUnwind;
-            run_job(py, shared, *job);
+            let reply = job.reply_slot();
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_job(py, shared, *job)
+            }));
+            if let Err(panic) = ran {
+                // A panic (ours, or one PyO3 re-raises from a handler) must not
+                // take the thread down: answer 500 and log it.
+                let message = crate::tasks::pool::panic_message(panic.as_ref());
+                if let Some(reply) = reply.lock().take() {
+                    let _ = reply.send(error_response(500, "Internal Server Error", &[]));
+                }
+                if let Ok(rt) = http_runtime(py) {
+                    let _ = rt.report.bind(py).call1((
+                        "error",
+                        format!("a handler panicked: {message}"),
+                        py.None(),
+                    ));
+                }
+            }
             guard.disarm();
             if started.elapsed() >= BATCH_BUDGET {
                 break;
@@ -444,6 +497,9 @@ fn run_job(py: Python<'_>, shared: &Shared, job: Job) {
         peer,
         reply,
     } = job;
+    let Some(reply) = reply.lock().take() else {
+        return;
+    };
     let method = parts.method.as_str().to_string();
     let path = parts.uri.path().to_string();
     let request = match Bound::new(py, Request::new(parts, body, params, Some(peer))) {
@@ -518,7 +574,12 @@ fn recover_reply(py: Python<'_>, done: Option<&Py<HttpAsyncDone>>) -> Reply {
 }
 
 fn event_loop(py: Python<'_>, shared: &Shared) -> PyResult<Py<PyAny>> {
-    lazy_event_loop(py, &shared.aio, &http_runtime(py)?.event_loop)
+    lazy_event_loop(
+        py,
+        &shared.aio,
+        &shared.aio_closed,
+        &http_runtime(py)?.event_loop,
+    )
 }
 
 /// A 500 (logged with its traceback) or the status of an `HTTPError`.
@@ -531,7 +592,14 @@ fn failure(py: Python<'_>, err: PyErr, method: &str, path: &str) -> HttpResponse
         let status = exc
             .getattr("status_code")
             .and_then(|s| s.extract::<u16>())
-            .unwrap_or(500);
+            .ok()
+            .filter(|s| (100..=599).contains(s));
+        let Some(status) = status else {
+            let message =
+                format!("{method} {path} raised an HTTPError with an invalid status_code");
+            let _ = rt.report.bind(py).call1(("error", message, exc));
+            return error_response(500, "Internal Server Error", &[]);
+        };
         let detail = exc
             .getattr("detail")
             .and_then(|d| d.str().map(|s| s.to_string()))

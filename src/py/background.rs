@@ -12,7 +12,7 @@ use pyo3::types::{PyBool, PyDict, PyList, PyTuple};
 
 use super::engine::{Counters, Defaults, Retention, Shared};
 use super::errors::{describe, Error, Result};
-use super::runtime::runtime;
+use super::runtime::{close_event_loop, runtime};
 use super::stats::EngineStats;
 use super::task::{Call, Job, NewTask, Outcome, Status, TaskResult};
 use crate::tasks::backoff::{Backoff, Rng};
@@ -39,6 +39,7 @@ pub struct Engine {
     shared: Arc<Shared>,
     watchdog_thread: Mutex<Option<JoinHandle<()>>>,
     report: Mutex<Option<Py<PyDict>>>,
+    stopping: Mutex<()>,
 }
 
 fn parse_ms(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
@@ -181,6 +182,7 @@ impl Engine {
             async_histogram: Mutex::new(async_histogram),
             sampler: Mutex::new(Sampler::new(first_sample, Duration::from_secs(1))),
             aio: Mutex::new(None),
+            aio_closed: std::sync::atomic::AtomicBool::new(false),
             profiling: enable_profiling,
             profile: Mutex::new(HashMap::new()),
         });
@@ -228,6 +230,7 @@ impl Engine {
             shared,
             watchdog_thread: Mutex::new(Some(watchdog_thread)),
             report: Mutex::new(None),
+            stopping: Mutex::new(()),
         })
     }
 
@@ -369,16 +372,34 @@ impl Engine {
 
     /// Per-function run times, collected when `enable_profiling` is on.
     fn get_profile<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        // Read under the lock, build Python objects after: building them can
+        // run Python code (GC), which must not happen while a worker may be
+        // waiting on this lock with the GIL.
+        type Row = (String, u64, u64, (f64, f64, f64), f64);
+        let rows: Vec<Row> = self
+            .shared
+            .profile
+            .lock()
+            .iter()
+            .map(|(name, (hist, failures))| {
+                (
+                    name.clone(),
+                    hist.len(),
+                    *failures,
+                    summary_ms(hist),
+                    hist.max() as f64 / 1000.0,
+                )
+            })
+            .collect();
         let out = PyDict::new(py);
-        for (name, (hist, failures)) in self.shared.profile.lock().iter() {
-            let (avg, p95, p99) = summary_ms(hist);
+        for (name, count, failures, (avg, p95, p99), max) in rows {
             let entry = PyDict::new(py);
-            entry.set_item("count", hist.len())?;
-            entry.set_item("failures", *failures)?;
+            entry.set_item("count", count)?;
+            entry.set_item("failures", failures)?;
             entry.set_item("avg_ms", avg)?;
             entry.set_item("p95_ms", p95)?;
             entry.set_item("p99_ms", p99)?;
-            entry.set_item("max_ms", hist.max() as f64 / 1000.0)?;
+            entry.set_item("max_ms", max)?;
             out.set_item(name, entry)?;
         }
         Ok(out)
@@ -405,6 +426,13 @@ impl Engine {
             )
             .into());
         }
+        // One shutdown at a time; later callers get the first one's report.
+        let _stopping = loop {
+            if let Some(guard) = self.stopping.try_lock() {
+                break guard;
+            }
+            py.detach(|| std::thread::sleep(Duration::from_millis(5)));
+        };
         if let Some(report) = self.report.lock().as_ref() {
             return Ok(report.clone_ref(py));
         }
@@ -482,7 +510,7 @@ impl Engine {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let aio = shared.aio.lock().take();
+        let aio = close_event_loop(&shared.aio, &shared.aio_closed);
         if let Some(aio) = aio {
             let left = deadline
                 .saturating_duration_since(Instant::now())
@@ -495,7 +523,8 @@ impl Engine {
         if let Some(pool) = pool {
             py.detach(|| pool.join_until(join_by.max(Instant::now() + Duration::from_millis(50))));
         }
-        if let Some(t) = self.watchdog_thread.lock().take() {
+        let watchdog = self.watchdog_thread.lock().take();
+        if let Some(t) = watchdog {
             py.detach(|| t.join()).ok();
         }
         let mut running = Vec::new();

@@ -78,6 +78,7 @@ pub struct Shared {
     pub(crate) async_histogram: Mutex<Histogram<u64>>,
     pub(crate) sampler: Mutex<Sampler>,
     pub(crate) aio: Mutex<Option<Py<PyAny>>>,
+    pub(crate) aio_closed: std::sync::atomic::AtomicBool,
     pub(crate) profiling: bool,
     /// Per-function run times and failures, kept when profiling is on.
     pub(crate) profile: Mutex<HashMap<String, (Histogram<u64>, u64)>>,
@@ -164,12 +165,12 @@ impl Shared {
     }
 
     fn retain(&self, py: Python<'_>, job: &Job) {
-        let bytes = RECORD_BYTES + job.result_size(py);
+        let bytes = RECORD_BYTES.saturating_add(job.result_size(py));
         let now = Instant::now();
         {
             let mut r = self.retention.lock();
             r.order.push_back((now, job.seq, bytes));
-            r.bytes += bytes;
+            r.bytes = r.bytes.saturating_add(bytes);
         }
         self.evict(now);
     }
@@ -301,14 +302,19 @@ impl Shared {
             )?;
             let timeout = job.timeout.map(|t| t.as_secs_f64());
             let handle = TaskResult::new(job.clone(), self.me.clone());
-            aio.bind(py)
-                .call_method1("submit", (awaitable, timeout, done, handle))?;
-            Ok(())
+            // NOTE: counted before submitting: submitting releases the GIL, and
+            // the coroutine may finish (and be counted out) before it returns.
+            self.counters.async_running.fetch_add(1, SeqCst);
+            let sent = aio
+                .bind(py)
+                .call_method1("submit", (awaitable, timeout, done, handle));
+            if sent.is_err() {
+                self.counters.async_running.fetch_sub(1, SeqCst);
+            }
+            sent.map(|_| ())
         });
         match submitted {
-            Ok(()) => {
-                self.counters.async_running.fetch_add(1, SeqCst);
-            }
+            Ok(()) => {}
             Err(err) => {
                 let exc = err.into_value(py).into_bound(py).into_any();
                 self.fail_attempt(py, rt, job, exc, None);
@@ -317,7 +323,7 @@ impl Shared {
     }
 
     fn event_loop(&self, py: Python<'_>, rt: &Runtime) -> PyResult<Py<PyAny>> {
-        lazy_event_loop(py, &self.aio, &rt.event_loop)
+        lazy_event_loop(py, &self.aio, &self.aio_closed, &rt.event_loop)
     }
 
     /// A failed attempt: retry with backoff if allowed, else fail the task.

@@ -105,33 +105,54 @@ impl Runtime {
     }
 }
 
-/// The event loop thread kept in `cell`, started with `factory()` on first use.
+/// The event loop thread kept in `cell`, started with `factory()` on first
+/// use. Once `closed` is set (under the cell's lock, by shutdown) no loop is
+/// started any more and this raises `RuntimeError`.
 ///
-/// NOTE: it is created without holding the lock: starting the loop thread
+/// NOTE: the loop is created without holding the lock: starting its thread
 /// releases the GIL, and a thread blocked on the lock while holding the GIL
 /// would deadlock with it. If two threads race, the loser's loop is stopped.
 pub fn lazy_event_loop(
     py: Python<'_>,
     cell: &parking_lot::Mutex<Option<Py<PyAny>>>,
+    closed: &std::sync::atomic::AtomicBool,
     factory: &Py<PyAny>,
 ) -> PyResult<Py<PyAny>> {
-    if let Some(l) = cell.lock().as_ref() {
-        return Ok(l.clone_ref(py));
+    use std::sync::atomic::Ordering::SeqCst;
+    let shut = || {
+        pyo3::exceptions::PyRuntimeError::new_err(
+            "the event loop is shut down: no coroutine can start any more",
+        )
+    };
+    {
+        let slot = cell.lock();
+        if let Some(l) = slot.as_ref() {
+            return Ok(l.clone_ref(py));
+        }
+        if closed.load(SeqCst) {
+            return Err(shut());
+        }
     }
     let created = factory.bind(py).call0()?.unbind();
     let mut slot = cell.lock();
-    match slot.as_ref() {
-        Some(existing) => {
-            let existing = existing.clone_ref(py);
-            drop(slot);
-            created.bind(py).call_method1("stop", (0.0,))?;
-            Ok(existing)
-        }
-        None => {
-            *slot = Some(created.clone_ref(py));
-            Ok(created)
-        }
+    if closed.load(SeqCst) || slot.is_some() {
+        let existing = slot.as_ref().map(|l| l.clone_ref(py));
+        drop(slot);
+        created.bind(py).call_method1("stop", (0.0,))?;
+        return existing.ok_or_else(shut);
     }
+    *slot = Some(created.clone_ref(py));
+    Ok(created)
+}
+
+/// Closes `cell` for good and hands back the loop it held, to be stopped.
+pub fn close_event_loop(
+    cell: &parking_lot::Mutex<Option<Py<PyAny>>>,
+    closed: &std::sync::atomic::AtomicBool,
+) -> Option<Py<PyAny>> {
+    let mut slot = cell.lock();
+    closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    slot.take()
 }
 
 /// Parks the thread forever if it is unwound by something other than a Rust

@@ -40,15 +40,23 @@ impl<T> Lanes<T> {
     }
 
     /// Takes the next item to run, or `None` when every lane is empty.
+    ///
+    /// Normally the head of the highest non-empty lane. A lower lane's head
+    /// that has waited at least `starvation_after` competes with it: of those
+    /// heads, the one that has waited longest wins, ties going to the higher
+    /// lane, so older urgent work is never passed over.
     pub fn pop(&mut self, now: Instant) -> Option<T> {
         let first = self.lanes.iter().position(|l| !l.is_empty())?;
+        let waited = |lane: &VecDeque<Entry<T>>| {
+            lane.front()
+                .map(|head| now.saturating_duration_since(head.ready_at))
+        };
         let mut pick = first;
-        let mut oldest = self.starvation_after;
+        let mut longest = waited(&self.lanes[first]).unwrap_or_default();
         for lane in first + 1..LANES {
-            if let Some(head) = self.lanes[lane].front() {
-                let waited = now.saturating_duration_since(head.ready_at);
-                if waited >= oldest {
-                    oldest = waited;
+            if let Some(w) = waited(&self.lanes[lane]) {
+                if w >= self.starvation_after && w > longest {
+                    longest = w;
                     pick = lane;
                 }
             }
@@ -139,6 +147,21 @@ mod tests {
         assert_eq!(l.pop(now), Some(3));
         assert_eq!(l.pop(now), Some(2));
         assert_eq!(l.pop(now), Some(0));
+    }
+
+    #[test]
+    fn older_urgent_work_is_not_passed_over() {
+        let t0 = Instant::now();
+        let mut l = lanes();
+        l.push(0, 1, t0);
+        l.push(0, 2, t0);
+        l.push(3, 9, t0 + Duration::from_secs(3));
+        let now = t0 + Duration::from_secs(20);
+        // The LOW head is starved, but the CRITICAL heads have waited longer.
+        assert_eq!(l.pop(now), Some(1));
+        assert_eq!(l.pop(now), Some(2));
+        assert_eq!(l.pop(now), Some(9));
+        assert_eq!(l.promoted(), 0);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! auto-scaling between a minimum and a maximum.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -12,8 +12,10 @@ use parking_lot::{Condvar, Mutex};
 
 use super::scheduler::{Pop, Scheduler};
 use super::stats::new_histogram;
-use super::sysinfo::thread_cpu_ns;
+use super::sysinfo::{read_clock, thread_clock, thread_cpu_ns};
 use super::watchdog::Deadline;
+
+const NO_CLOCK: i64 = i64::MIN;
 
 /// How many workers run and when the pool grows or shrinks.
 #[derive(Clone, Copy, Debug)]
@@ -34,7 +36,11 @@ pub struct WorkerSlot {
     in_use: AtomicBool,
     busy_since_ns: AtomicU64,
     busy_ns: AtomicU64,
+    /// CPU time of the threads that used this slot and have exited.
     cpu_ns: AtomicU64,
+    /// The CPU clock of the thread using the slot now, or `NO_CLOCK`.
+    /// (Linux thread clock ids are negative numbers.)
+    clock: AtomicI64,
     pub deadline: Deadline,
     /// An identifier the runner stores for its own use (the Python thread id).
     pub ident: AtomicU64,
@@ -48,6 +54,7 @@ impl WorkerSlot {
             busy_since_ns: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             cpu_ns: AtomicU64::new(0),
+            clock: AtomicI64::new(NO_CLOCK),
             deadline: Deadline::default(),
             ident: AtomicU64::new(0),
             histogram: Mutex::new(new_histogram()?),
@@ -241,12 +248,9 @@ impl<T: Send + 'static> Pool<T> {
 
     fn worker_main(self: Arc<Self>, index: usize) {
         let slot = &self.slots[index];
-        let cpu_base = slot.cpu_ns.load(SeqCst);
-        let cpu_start = thread_cpu_ns();
-        let record_cpu = || {
-            slot.cpu_ns
-                .store(cpu_base + thread_cpu_ns().saturating_sub(cpu_start), SeqCst)
-        };
+        if let Some(clock) = thread_clock() {
+            slot.clock.store(i64::from(clock), SeqCst);
+        }
         self.runner.thread_main(slot, &mut || loop {
             let sched = &self.sched;
             let idle = self.cfg.idle_timeout;
@@ -266,7 +270,6 @@ impl<T: Send + 'static> Pool<T> {
                     slot.busy_since_ns.store(0, SeqCst);
                     slot.busy_ns
                         .fetch_add(self.now_ns().saturating_sub(since), SeqCst);
-                    record_cpu();
                 }
                 Pop::Idle => {
                     if self.try_retire() {
@@ -280,7 +283,8 @@ impl<T: Send + 'static> Pool<T> {
                 }
             }
         });
-        record_cpu();
+        slot.clock.store(NO_CLOCK, SeqCst);
+        slot.cpu_ns.fetch_add(thread_cpu_ns(), SeqCst);
         slot.in_use.store(false, SeqCst);
     }
 
@@ -300,6 +304,11 @@ impl<T: Send + 'static> Pool<T> {
                 snap.busy_ns += now.saturating_sub(since);
             }
             snap.cpu_ns += slot.cpu_ns.load(SeqCst);
+            let clock = slot.clock.load(SeqCst);
+            if clock != NO_CLOCK {
+                let live = libc::clockid_t::try_from(clock).ok().and_then(read_clock);
+                snap.cpu_ns += live.unwrap_or(0);
+            }
         }
         snap
     }
