@@ -2,6 +2,7 @@
 
 pub mod http;
 pub mod py;
+pub mod store;
 pub mod tasks;
 
 use pyo3::prelude::*;

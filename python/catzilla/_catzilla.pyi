@@ -146,6 +146,8 @@ class Engine:
         default_delay_ms: float,
         default_max_retries: int,
         default_timeout_ms: float,
+        storage: str | None,
+        storage_strict: bool,
     ) -> Self: ...
     def add_task(
         self,
@@ -168,6 +170,32 @@ class Engine:
         """A snapshot of every statistic."""
     def _list(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskResult]:
         """Handles of retained tasks, newest first, filtered by status."""
+    def _stored_unfinished(self) -> list[dict[str, Any]]:
+        """Stored rows of unfinished tasks, oldest first."""
+    def _stored(self, task_id: str) -> dict[str, Any] | None:
+        """One stored row by id."""
+    def _stored_list(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+        """The newest stored rows."""
+    def _resubmit(
+        self,
+        task_id: str,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        priority: int,
+        delay_ms: float,
+        max_retries: int,
+        timeout_ms: float,
+    ) -> TaskResult:
+        """Runs a stored task again under its own id."""
+    def _store_fail(self, task_id: str, error_json: str) -> None:
+        """Marks a stored task failed for good."""
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Waits until everything handed to the store is committed (True
+        without storage); returns whether it was within ``timeout`` seconds."""
+    @property
+    def storage_error(self) -> str | None:
+        """The first error writing to storage, once writes have failed."""
     def get_profile(self) -> dict[str, dict[str, float]]:
         """Per-function count, failures and run times (with ``enable_profiling``)."""
     @property

@@ -164,6 +164,8 @@ class Catzilla:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
                     previous[signum] = signal.signal(signum, stop_on_signal)
+        if self.tasks is not None and self.tasks.config["storage"] is not None:
+            self.tasks.recover()
         try:
             server.serve()
         finally:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
+import json
 import logging
 import os
 import sys
+import time
 import traceback
 import types
 import weakref
@@ -26,6 +29,7 @@ from .errors import (
     CatzillaError,
     EngineShutdownError,
     NonRetryableError,
+    StorageError,
     TaskCancelledError,
     TaskInterrupt,
     TaskNotReadyError,
@@ -40,6 +44,7 @@ __all__ = [
     "EngineShutdownError",
     "EngineStats",
     "NonRetryableError",
+    "StorageError",
     "TaskCancelledError",
     "TaskFunction",
     "TaskInfo",
@@ -276,6 +281,26 @@ class TaskInfo:
             finished_at=_timestamp(handle.finished_at),
         )
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> TaskInfo:
+        """Reads a task's state from its durable store row."""
+        created = _timestamp(row["created_at"])
+        assert created is not None
+        return cls(
+            task_id=row["task_id"],
+            name=row["name"],
+            status=TaskStatus(row["status"]),
+            priority=tuple(TaskPriority)[row["priority"]],
+            attempts=row["attempts"],
+            progress=row["progress"],
+            current_step=row["current_step"],
+            result=None if row["result"] is None else json.loads(row["result"]),
+            error=None if row["error"] is None else json.loads(row["error"]),
+            created_at=created,
+            started_at=_timestamp(row["started_at"]),
+            finished_at=_timestamp(row["finished_at"]),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: enums as their values, times as ISO 8601 text,
         results that are not JSON types as their repr."""
@@ -302,6 +327,39 @@ def _report(level: str, message: str, exc: BaseException | None) -> None:
     logger.log(_LEVELS.get(level, logging.ERROR), message, exc_info=exc)
 
 
+def _encode_error(exc: BaseException) -> str:
+    return json.dumps(
+        {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": "".join(traceback.format_exception(exc)),
+        }
+    )
+
+
+def _resolve(name: str) -> Any:
+    """The object at import name ``module.qualname`` (longest module first)."""
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            module = (
+                sys.modules["__main__"]
+                if module_name == "__main__"
+                else importlib.import_module(module_name)
+            )
+        except ImportError:
+            continue
+        obj: Any = module
+        try:
+            for attr in parts[split:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            continue
+        return obj
+    raise LookupError(f"cannot import {name!r}")
+
+
 _init_runtime(
     {
         "priorities": tuple(TaskPriority),
@@ -320,6 +378,9 @@ _init_runtime(
         "EventLoopThread": _aio.EventLoopThread,
         "report": _report,
         "await_result": _aio.await_result,
+        "StorageError": StorageError,
+        "json_dumps": json.dumps,
+        "encode_error": _encode_error,
     }
 )
 
@@ -340,6 +401,15 @@ def _non_negative(name: str, value: object, *, positive: bool = False) -> float:
     if positive and value == 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return float(value)
+
+
+def _storage_path(storage: str | None) -> str | None:
+    if storage is None:
+        return None
+    prefix = "sqlite:///"
+    if not isinstance(storage, str) or not storage.startswith(prefix) or storage == prefix:
+        raise ValueError(f"storage must look like 'sqlite:///path/to/tasks.db', got {storage!r}")
+    return storage[len(prefix) :]
 
 
 _live_engines: weakref.WeakSet[BackgroundTasks] = weakref.WeakSet()
@@ -378,6 +448,8 @@ class BackgroundTasks(Engine):
         default_delay_ms: float = 0,
         default_max_retries: int = 3,
         default_timeout_ms: float = 30000,
+        storage: str | None = None,
+        storage_strict: bool = False,
     ) -> BackgroundTasks:
         if workers is None:
             workers = min(32, (os.cpu_count() or 1) + 4)
@@ -394,6 +466,7 @@ class BackgroundTasks(Engine):
         if not isinstance(enable_profiling, bool):
             raise TypeError(f"enable_profiling must be a bool, got {enable_profiling!r}")
         exit_timeout = _non_negative("exit_timeout", exit_timeout)
+        path = _storage_path(storage)
         self = super().__new__(
             cls,
             workers=workers,
@@ -412,6 +485,8 @@ class BackgroundTasks(Engine):
             default_delay_ms=default_delay_ms,
             default_max_retries=default_max_retries,
             default_timeout_ms=default_timeout_ms,
+            storage=path,
+            storage_strict=bool(storage_strict),
         )
         self.exit_timeout = exit_timeout
         self.config = {
@@ -423,6 +498,7 @@ class BackgroundTasks(Engine):
             "memory_pool_mb": memory_pool_mb,
             "enable_profiling": enable_profiling,
             "result_ttl": result_ttl,
+            "storage": storage,
         }
         _live_engines.add(self)
         return self
@@ -430,15 +506,74 @@ class BackgroundTasks(Engine):
     task = staticmethod(task)
 
     def get_task(self, task_id: str) -> TaskInfo | None:
-        """The state of a task by id, or None for an unknown (or evicted) id."""
+        """The state of a task by id, or None for an unknown (or evicted) id.
+        With storage, tasks of earlier runs are found in the store."""
         handle = self.get_result(task_id)
-        return None if handle is None else TaskInfo.from_handle(handle)
+        if handle is not None:
+            return TaskInfo.from_handle(handle)
+        row = self._stored(task_id)
+        return None if row is None else TaskInfo.from_row(row)
 
     def list_tasks(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskInfo]:
-        """Retained tasks, newest first, optionally only those with ``status``."""
+        """Tasks newest first, optionally only those with ``status``: the
+        retained ones, or with storage every stored one."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be an int >= 0, got {limit!r}")
+        if status is not None and not isinstance(status, TaskStatus):
+            raise TypeError(f"status must be a TaskStatus member or None, got {status!r}")
+        if self.config["storage"] is not None:
+            rows = self._stored_list(None if status is None else status.value, limit)
+            return [TaskInfo.from_row(row) for row in rows]
         return [TaskInfo.from_handle(h) for h in self._list(status, limit)]
+
+    def recover(self) -> dict[str, list[str]]:
+        """Runs again the tasks an earlier run left unfinished in the store
+        (pending, scheduled, or interrupted while running), under their own
+        ids: at-least-once. Tasks that cannot run again (a lambda, arguments
+        that are not JSON, a function that no longer imports) are marked
+        failed with the reason. Safe to call more than once.
+
+        ``Catzilla.listen`` calls it before serving."""
+        resubmitted: list[str] = []
+        failed: list[str] = []
+        for row in self._stored_unfinished():
+            task_id = row["task_id"]
+            if self.get_result(task_id) is not None:
+                continue  # already in this run
+            reason = row["not_restartable"]
+            func: Any = None
+            if reason is None:
+                try:
+                    func = _resolve(row["name"])
+                except LookupError as exc:
+                    reason = str(exc)
+            if func is None or not callable(func):
+                error = {
+                    "type": "NotRestartable",
+                    "message": f"cannot run again after a restart: {reason or 'not callable'}",
+                    "traceback": "",
+                }
+                self._store_fail(task_id, json.dumps(error))
+                failed.append(task_id)
+                continue
+            self._resubmit(
+                task_id,
+                func,
+                tuple(json.loads(row["args"])),
+                json.loads(row["kwargs"]),
+                row["priority"],
+                max(0.0, (row["due_at"] - time.time()) * 1000),
+                row["max_retries"],
+                row["timeout_ms"],
+            )
+            resubmitted.append(task_id)
+        if resubmitted or failed:
+            logger.warning(
+                "recovered %d unfinished task(s) from storage; %d could not run again",
+                len(resubmitted),
+                len(failed),
+            )
+        return {"resubmitted": resubmitted, "failed": failed}
 
     def __repr__(self) -> str:
         state = "shut down" if self.is_shutdown else "running"

@@ -9,6 +9,7 @@ __all__ = [
     "EngineShutdownError",
     "HTTPError",
     "NonRetryableError",
+    "StorageError",
     "TaskCancelledError",
     "TaskInterrupt",
     "TaskNotReadyError",
@@ -44,6 +45,10 @@ class TaskNotReadyError(CatzillaError):
 
 class TaskPanicError(CatzillaError):
     """catzilla's native core failed while handling the task; the worker carried on."""
+
+
+class StorageError(CatzillaError):
+    """The durable task store cannot be opened or read (unwritable, locked or corrupt)."""
 
 
 class NonRetryableError(Exception):

@@ -15,6 +15,7 @@ use super::errors::{describe, Error, Result};
 use super::runtime::{close_event_loop, runtime};
 use super::stats::EngineStats;
 use super::task::{Call, Job, NewTask, Outcome, Status, TaskResult};
+use crate::store::sqlite::{Row, SqliteStore};
 use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::{Pool, PoolConfig};
 use crate::tasks::scheduler::Scheduler;
@@ -78,13 +79,81 @@ fn timeout_of(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
+/// The store row of a new task: its import name and its arguments as JSON,
+/// or the reason it could not run again after a restart.
+fn durable_row(
+    py: Python<'_>,
+    rt: &super::runtime::Runtime,
+    shared: &Shared,
+    task: &NewTask,
+    delay: Duration,
+) -> PyResult<Row> {
+    let func = task.call.func.bind(py);
+    let name = super::engine::import_name(func);
+    let mut reason = None;
+    if name.contains("<lambda>") || name.contains("<locals>") {
+        reason = Some(format!(
+            "{name} is a lambda or a local function, which cannot be imported again"
+        ));
+    }
+    let dumps = rt.json_dumps.bind(py);
+    let args = match dumps.call1((task.call.args.bind(py),)) {
+        Ok(text) => Some(text.extract::<String>()?),
+        Err(err) => {
+            reason.get_or_insert_with(|| format!("its arguments are not JSON: {}", err.value(py)));
+            None
+        }
+    };
+    let kwargs = match &task.call.kwargs {
+        None => Some("{}".to_string()),
+        Some(k) => match dumps.call1((k.bind(py),)) {
+            Ok(text) => Some(text.extract::<String>()?),
+            Err(err) => {
+                reason.get_or_insert_with(|| {
+                    format!("its keyword arguments are not JSON: {}", err.value(py))
+                });
+                None
+            }
+        },
+    };
+    if shared.storage_strict {
+        if let Some(why) = &reason {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "func cannot be stored durably (storage_strict=True): {why}"
+            )));
+        }
+    }
+    let now = super::task::epoch_now();
+    Ok(Row {
+        task_id: super::task::format_id(task.prefix, task.seq),
+        name,
+        status: if delay.is_zero() {
+            "pending"
+        } else {
+            "scheduled"
+        }
+        .into(),
+        priority: task.lane as i64,
+        attempts: 0,
+        max_retries: i64::from(task.max_retries),
+        timeout_ms: task.timeout.map_or(0.0, |t| t.as_secs_f64() * 1000.0),
+        due_at: now + delay.as_secs_f64(),
+        progress: 0.0,
+        args: reason.is_none().then_some(args).flatten(),
+        kwargs: reason.is_none().then_some(kwargs).flatten(),
+        not_restartable: reason,
+        created_at: now,
+        ..Default::default()
+    })
+}
+
 #[pymethods]
 impl Engine {
     #[new]
     #[pyo3(signature = (*, workers, min_workers, max_workers, queue_size, enable_auto_scaling,
         memory_pool_mb, enable_profiling, result_ttl, retry_backoff_ms, retry_backoff_cap_ms,
         starvation_ms, idle_timeout, default_priority, default_delay_ms, default_max_retries,
-        default_timeout_ms))]
+        default_timeout_ms, storage, storage_strict))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -104,8 +173,16 @@ impl Engine {
         default_delay_ms: &Bound<'_, PyAny>,
         default_max_retries: &Bound<'_, PyAny>,
         default_timeout_ms: &Bound<'_, PyAny>,
+        storage: Option<String>,
+        storage_strict: bool,
     ) -> PyResult<Self> {
         let rt = runtime(py)?;
+        let store = match storage {
+            Some(path) => Some(Arc::new(py.detach(|| SqliteStore::open(&path)).map_err(
+                |e| PyErr::from_value(rt.make_error(py, &rt.storage_error, e.0)),
+            )?)),
+            None => None,
+        };
         let secs = |name: &'static str, v: f64| -> Result<Duration> {
             if !v.is_finite() || v < 0.0 {
                 return Err(Error::BadValue(
@@ -183,6 +260,9 @@ impl Engine {
             sampler: Mutex::new(Sampler::new(first_sample, Duration::from_secs(1))),
             aio: Mutex::new(None),
             aio_closed: std::sync::atomic::AtomicBool::new(false),
+            store,
+            storage_strict,
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             profiling: enable_profiling,
             profile: Mutex::new(HashMap::new()),
         });
@@ -306,7 +386,11 @@ impl Engine {
                 no_retry,
             },
         };
-        let job = shared.submit(task, delay)?;
+        let row = match &shared.store {
+            Some(_) => Some(durable_row(py, rt, shared, &task, delay)?),
+            None => None,
+        };
+        let job = shared.submit(task, delay, row)?;
         Ok(TaskResult::new(job, Arc::downgrade(shared)))
     }
 
@@ -405,6 +489,130 @@ impl Engine {
         Ok(out)
     }
 
+    /// Rows of unfinished tasks in the store (pending, scheduled, running,
+    /// retrying), oldest first; empty without storage.
+    fn _stored_unfinished<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let Some(store) = &self.shared.store else {
+            return Ok(Vec::new());
+        };
+        store.flush(Duration::from_secs(10));
+        let rows = py
+            .detach(|| store.load(&["pending", "scheduled", "running", "retrying"]))
+            .map_err(|e| storage_err(py, e.0))?;
+        rows.iter().map(|r| row_dict(py, r)).collect()
+    }
+
+    /// One stored row by id, or None.
+    fn _stored<'py>(&self, py: Python<'py>, task_id: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(store) = &self.shared.store else {
+            return Ok(None);
+        };
+        store.flush(Duration::from_secs(10));
+        let row = py
+            .detach(|| store.get(task_id))
+            .map_err(|e| storage_err(py, e.0))?;
+        row.map(|r| row_dict(py, &r)).transpose()
+    }
+
+    /// The newest stored rows, optionally with one status (its value text).
+    #[pyo3(signature = (status, limit))]
+    fn _stored_list<'py>(
+        &self,
+        py: Python<'py>,
+        status: Option<String>,
+        limit: usize,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let Some(store) = &self.shared.store else {
+            return Ok(Vec::new());
+        };
+        store.flush(Duration::from_secs(10));
+        let rows = py
+            .detach(|| store.list(status.as_deref(), limit))
+            .map_err(|e| storage_err(py, e.0))?;
+        rows.iter().map(|r| row_dict(py, r)).collect()
+    }
+
+    /// Runs a stored task again under its own id (restart recovery).
+    #[pyo3(signature = (task_id, func, args, kwargs, priority, delay_ms, max_retries, timeout_ms))]
+    #[allow(clippy::too_many_arguments)]
+    fn _resubmit(
+        &self,
+        task_id: &str,
+        func: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        kwargs: &Bound<'_, PyDict>,
+        priority: usize,
+        delay_ms: f64,
+        max_retries: u32,
+        timeout_ms: f64,
+    ) -> PyResult<TaskResult> {
+        let Some((prefix, seq)) = super::task::parse_id(task_id) else {
+            return Err(
+                Error::BadValue("task_id", format!("is not a task id: {task_id:?}")).into(),
+            );
+        };
+        let delay = Duration::try_from_secs_f64(delay_ms.max(0.0) / 1000.0).unwrap_or_default();
+        let timeout = Duration::try_from_secs_f64(timeout_ms.max(0.0) / 1000.0).unwrap_or_default();
+        let task = NewTask {
+            seq,
+            prefix,
+            lane: priority.min(3),
+            max_retries,
+            timeout: timeout_of(timeout),
+            delayed: !delay.is_zero(),
+            footprint: 200 + 8 * args.len() as u64,
+            call: Call {
+                func: func.clone().unbind(),
+                args: args.clone().unbind(),
+                kwargs: (!kwargs.is_empty()).then(|| kwargs.clone().unbind()),
+                no_retry: None,
+            },
+        };
+        let job = self.shared.submit(task, delay, None)?;
+        if let Some(store) = &self.shared.store {
+            store.waiting(
+                job.id(),
+                if delay.is_zero() {
+                    "pending"
+                } else {
+                    "scheduled"
+                },
+            );
+        }
+        Ok(TaskResult::new(job, Arc::downgrade(&self.shared)))
+    }
+
+    /// Marks a stored task failed for good, with the reason.
+    fn _store_fail(&self, task_id: String, error_json: String) {
+        if let Some(store) = &self.shared.store {
+            store.finished(
+                task_id,
+                "failed",
+                None,
+                Some(error_json),
+                super::task::epoch_now(),
+            );
+        }
+    }
+
+    /// Waits until everything handed to the store is committed; returns
+    /// whether it was within `timeout` seconds. True without storage.
+    #[pyo3(signature = (timeout=10.0))]
+    fn flush(&self, py: Python<'_>, timeout: f64) -> bool {
+        let Some(store) = &self.shared.store else {
+            return true;
+        };
+        let timeout =
+            Duration::try_from_secs_f64(timeout.max(0.0)).unwrap_or(Duration::from_secs(3600));
+        py.detach(|| store.flush(timeout))
+    }
+
+    /// The first error writing to storage, once writes have failed; None otherwise.
+    #[getter]
+    fn storage_error(&self) -> Option<String> {
+        self.shared.store.as_ref().and_then(|s| s.failure())
+    }
+
     /// True once `shutdown` has run.
     #[getter]
     fn is_shutdown(&self) -> bool {
@@ -477,6 +685,7 @@ impl Engine {
             }
         }
         let wait = wait && interrupted.is_none();
+        shared.shutting_down.store(true, SeqCst);
         let left = shared.sched.stop();
         let mut cancelled = Vec::with_capacity(left.len());
         for job in left {
@@ -540,8 +749,13 @@ impl Engine {
                 py,
                 "warning",
                 format!(
-                    "shutdown cancelled {} task(s) that had not finished: {}",
+                    "shutdown cancelled {} task(s) that had not finished{}: {}",
                     cancelled.len(),
+                    if shared.store.is_some() {
+                        " (queued ones stay pending in storage and run again after a restart)"
+                    } else {
+                        ""
+                    },
                     preview(&cancelled)
                 ),
                 None,
@@ -558,6 +772,11 @@ impl Engine {
                 ),
                 None,
             );
+        }
+        // NOTE: the store stays open (until the engine is dropped): tasks still
+        // running after shutdown returns must be able to record their end.
+        if let Some(store) = &shared.store {
+            py.detach(|| store.flush(Duration::from_secs(10)));
         }
         let report = PyDict::new(py);
         report.set_item("drained", cancelled.is_empty() && running.is_empty())?;
@@ -666,4 +885,34 @@ fn preview(ids: &[String]) -> String {
     } else {
         shown.join(", ")
     }
+}
+
+fn storage_err(py: Python<'_>, message: String) -> PyErr {
+    match runtime(py) {
+        Ok(rt) => PyErr::from_value(rt.make_error(py, &rt.storage_error, message)),
+        Err(e) => e.into(),
+    }
+}
+
+fn row_dict<'py>(py: Python<'py>, r: &Row) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("task_id", &r.task_id)?;
+    d.set_item("name", &r.name)?;
+    d.set_item("status", &r.status)?;
+    d.set_item("priority", r.priority)?;
+    d.set_item("attempts", r.attempts)?;
+    d.set_item("max_retries", r.max_retries)?;
+    d.set_item("timeout_ms", r.timeout_ms)?;
+    d.set_item("due_at", r.due_at)?;
+    d.set_item("progress", r.progress)?;
+    d.set_item("current_step", &r.current_step)?;
+    d.set_item("args", &r.args)?;
+    d.set_item("kwargs", &r.kwargs)?;
+    d.set_item("not_restartable", &r.not_restartable)?;
+    d.set_item("result", &r.result)?;
+    d.set_item("error", &r.error)?;
+    d.set_item("created_at", r.created_at)?;
+    d.set_item("started_at", r.started_at)?;
+    d.set_item("finished_at", r.finished_at)?;
+    Ok(d)
 }

@@ -13,9 +13,11 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use super::errors::{describe, Error, Result};
 use super::runtime::{lazy_event_loop, runtime, ParkOnForcedUnwind, Runtime};
+use super::task::epoch_now;
 use super::task::{
-    parse_id, run_callbacks, CurrentTask, Job, NewTask, Outcome, Status, TaskResult, TaskState,
+    parse_id, run_callbacks, CurrentTask, Job, Key, NewTask, Outcome, Status, TaskResult, TaskState,
 };
+use crate::store::sqlite::{Row, SqliteStore};
 use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::{Pool, Runner, WorkerSlot};
 use crate::tasks::scheduler::{Pop, Rejected, Scheduler};
@@ -45,7 +47,7 @@ pub struct Counters {
 }
 
 pub(crate) struct Retention {
-    pub(crate) order: VecDeque<(Instant, u64, u64)>,
+    pub(crate) order: VecDeque<(Instant, Key, u64)>,
     pub(crate) bytes: u64,
 }
 
@@ -69,7 +71,7 @@ pub struct Shared {
     pub(crate) rng: Mutex<Rng>,
     pub(crate) defaults: Defaults,
     pub(crate) counters: Counters,
-    pub(crate) registry: Vec<Mutex<HashMap<u64, Job>>>,
+    pub(crate) registry: Vec<Mutex<HashMap<Key, Job>>>,
     pub(crate) retention: Mutex<Retention>,
     pub(crate) pool_bytes: u64,
     pub(crate) result_ttl: Duration,
@@ -79,6 +81,12 @@ pub struct Shared {
     pub(crate) sampler: Mutex<Sampler>,
     pub(crate) aio: Mutex<Option<Py<PyAny>>>,
     pub(crate) aio_closed: std::sync::atomic::AtomicBool,
+    /// Durable storage, when configured.
+    pub(crate) store: Option<Arc<SqliteStore>>,
+    /// With storage: refuse tasks that could not run again after a restart.
+    pub(crate) storage_strict: bool,
+    /// Set by shutdown: tasks it cancels stay pending in the store.
+    pub(crate) shutting_down: std::sync::atomic::AtomicBool,
     pub(crate) profiling: bool,
     /// Per-function run times and failures, kept when profiling is on.
     pub(crate) profile: Mutex<HashMap<String, (Histogram<u64>, u64)>>,
@@ -120,13 +128,13 @@ impl Shared {
         (self.origin.elapsed().as_nanos() as u64).max(1)
     }
 
-    pub(crate) fn shard(&self, seq: u64) -> &Mutex<HashMap<u64, Job>> {
-        &self.registry[(seq % SHARDS as u64) as usize]
+    pub(crate) fn shard(&self, key: Key) -> &Mutex<HashMap<Key, Job>> {
+        &self.registry[(key.1 % SHARDS as u64) as usize]
     }
 
     pub fn lookup(&self, id: &str) -> Option<Job> {
-        let seq = parse_id(id, self.prefix)?;
-        self.shard(seq).lock().get(&seq).cloned()
+        let key = parse_id(id)?;
+        self.shard(key).lock().get(&key).cloned()
     }
 
     pub fn pool(&self) -> Option<Arc<Pool<Job>>> {
@@ -143,14 +151,14 @@ impl Shared {
         let mut gone = Vec::new();
         {
             let mut r = self.retention.lock();
-            while let Some(&(at, seq, bytes)) = r.order.front() {
+            while let Some(&(at, key, bytes)) = r.order.front() {
                 let expired = now.saturating_duration_since(at) >= self.result_ttl;
                 if !expired && r.bytes <= self.pool_bytes {
                     break;
                 }
                 r.order.pop_front();
                 r.bytes = r.bytes.saturating_sub(bytes);
-                gone.push(seq);
+                gone.push(key);
             }
         }
         if gone.is_empty() {
@@ -159,7 +167,7 @@ impl Shared {
         self.counters.evicted.fetch_add(gone.len() as u64, SeqCst);
         let removed: Vec<Job> = gone
             .into_iter()
-            .filter_map(|seq| self.shard(seq).lock().remove(&seq))
+            .filter_map(|key| self.shard(key).lock().remove(&key))
             .collect();
         drop(removed);
     }
@@ -169,7 +177,7 @@ impl Shared {
         let now = Instant::now();
         {
             let mut r = self.retention.lock();
-            r.order.push_back((now, job.seq, bytes));
+            r.order.push_back((now, job.key(), bytes));
             r.bytes = r.bytes.saturating_add(bytes);
         }
         self.evict(now);
@@ -190,6 +198,9 @@ impl Shared {
             self.sched.finish(1);
             return;
         };
+        if let Some(store) = &self.store {
+            store.started(job.id(), i64::from(attempt), epoch_now());
+        }
         let Some((func, args, kwargs, no_retry)) = job.call_parts(py) else {
             self.sched.finish(1);
             return;
@@ -352,6 +363,9 @@ impl Shared {
             match self.sched.retry(job.lane, job.clone(), delay) {
                 Ok(()) => {
                     self.counters.retried.fetch_add(1, SeqCst);
+                    if let Some(store) = &self.store {
+                        store.waiting(job.id(), "retrying");
+                    }
                     return;
                 }
                 Err(_) => job.set_status(Status::Running),
@@ -371,6 +385,13 @@ impl Shared {
     ) {
         let (callbacks, call) = job.finish(py, status, outcome);
         drop(call);
+        if let Some(store) = &self.store {
+            let at_shutdown =
+                status == Status::Cancelled && self.shutting_down.load(SeqCst) && !in_flight;
+            if !at_shutdown {
+                self.store_outcome(py, store, &job, status);
+            }
+        }
         match status {
             Status::Completed => self.counters.completed.fetch_add(1, SeqCst),
             Status::Failed => self.counters.failed.fetch_add(1, SeqCst),
@@ -390,6 +411,39 @@ impl Shared {
                 Err(err) => err.print(py),
             }
         }
+    }
+
+    /// Writes a final state to the store: the result as JSON (its repr when
+    /// it is not JSON) or the error as `{"type", "message", "traceback"}`.
+    fn store_outcome(&self, py: Python<'_>, store: &SqliteStore, job: &Job, status: Status) {
+        let Ok(rt) = runtime(py) else { return };
+        let (result, error) = match job.outcome_object(py) {
+            Some((true, value)) => {
+                let dumps = rt.json_dumps.bind(py);
+                let text = dumps
+                    .call1((&value,))
+                    .or_else(|_| value.repr().and_then(|r| dumps.call1((r,))))
+                    .and_then(|t| t.extract::<String>())
+                    .ok();
+                (text, None)
+            }
+            Some((false, exc)) => {
+                let text = rt
+                    .encode_error
+                    .bind(py)
+                    .call1((exc,))
+                    .and_then(|t| t.extract::<String>())
+                    .ok();
+                (None, text)
+            }
+            None => (None, None),
+        };
+        let name = match status {
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            _ => "cancelled",
+        };
+        store.finished(job.id(), name, result, error, epoch_now());
     }
 
     pub fn cancel(&self, py: Python<'_>, job: &Job) -> PyResult<bool> {
@@ -412,11 +466,25 @@ impl Shared {
         Ok(true)
     }
 
-    pub(crate) fn submit(self: &Arc<Self>, task: NewTask, delay: Duration) -> Result<Job> {
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        task: NewTask,
+        delay: Duration,
+        row: Option<Row>,
+    ) -> Result<Job> {
         let footprint = task.footprint;
-        let seq = task.seq;
+        let key = (task.prefix, task.seq);
         let job = Arc::new(TaskState::new(task));
-        self.shard(seq).lock().insert(seq, job.clone());
+        self.shard(key).lock().insert(key, job.clone());
+        // NOTE: the row goes to the store before the task can start, so the
+        // store sees its insert before any update.
+        let stored = match (&self.store, row) {
+            (Some(store), Some(row)) => {
+                store.insert(row);
+                Some(store)
+            }
+            _ => None,
+        };
         match self.sched.submit(job.lane, job.clone(), delay) {
             Ok(all_busy) => {
                 self.counters.submitted.fetch_add(1, SeqCst);
@@ -429,8 +497,11 @@ impl Shared {
                 Ok(job)
             }
             Err(rejected) => {
-                let removed = self.shard(seq).lock().remove(&seq);
+                let removed = self.shard(key).lock().remove(&key);
                 drop(removed);
+                if let Some(store) = stored {
+                    store.delete(job.id());
+                }
                 match rejected {
                     Rejected::Full(item, capacity) => {
                         drop(item);

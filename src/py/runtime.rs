@@ -24,6 +24,9 @@ pub struct Runtime {
     pub event_loop: Py<PyAny>,
     pub report: Py<PyAny>,
     pub await_result: Py<PyAny>,
+    pub storage_error: Py<PyAny>,
+    pub json_dumps: Py<PyAny>,
+    pub encode_error: Py<PyAny>,
 }
 
 static RUNTIME: PyOnceLock<Runtime> = PyOnceLock::new();
@@ -67,6 +70,9 @@ pub fn _init_runtime(spec: &Bound<'_, PyDict>) -> PyResult<()> {
         event_loop: item(spec, "EventLoopThread")?,
         report: item(spec, "report")?,
         await_result: item(spec, "await_result")?,
+        storage_error: item(spec, "StorageError")?,
+        json_dumps: item(spec, "json_dumps")?,
+        encode_error: item(spec, "encode_error")?,
     };
     if rt.priorities.len() != 4 || rt.statuses.len() != super::task::STATUS_COUNT {
         return Err(pyo3::exceptions::PyValueError::new_err(

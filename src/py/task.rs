@@ -148,14 +148,18 @@ pub fn format_id(prefix: u32, seq: u64) -> String {
     format!("{prefix:08x}{seq:012x}")
 }
 
-/// The sequence number inside a task id made by this engine (`prefix`).
-pub fn parse_id(id: &str, prefix: u32) -> Option<u64> {
-    if id.len() != 20 || !id.is_ascii() {
+/// A task's identity: the prefix of the engine that created it and its
+/// sequence number. Tasks recovered from storage keep theirs.
+pub type Key = (u32, u64);
+
+/// The key inside a task id, or None when `id` is not a task id.
+pub fn parse_id(id: &str) -> Option<Key> {
+    if id.len() != 20 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let p = u32::from_str_radix(&id[..8], 16).ok()?;
+    let prefix = u32::from_str_radix(&id[..8], 16).ok()?;
     let seq = u64::from_str_radix(&id[8..], 16).ok()?;
-    (p == prefix).then_some(seq)
+    Some((prefix, seq))
 }
 
 pub struct NewTask {
@@ -205,6 +209,10 @@ impl TaskState {
 
     pub fn id(&self) -> String {
         format_id(self.prefix, self.seq)
+    }
+
+    pub fn key(&self) -> Key {
+        (self.prefix, self.seq)
     }
 
     pub fn status(&self) -> Status {
@@ -301,6 +309,18 @@ impl TaskState {
         drop(inner);
         self.done.notify_all();
         (callbacks, call)
+    }
+
+    /// The final value (true) or exception (false), once there is one.
+    pub fn outcome_object<'py>(&self, py: Python<'py>) -> Option<(bool, Bound<'py, PyAny>)> {
+        let inner = self.inner.lock();
+        match &inner.outcome {
+            Outcome::Value(v) => Some((true, v.clone_ref(py).into_bound(py))),
+            Outcome::Error(e) | Outcome::Cancelled(e) => {
+                Some((false, e.clone_ref(py).into_bound(py)))
+            }
+            Outcome::Pending => None,
+        }
     }
 
     /// Shallow size of the stored result, from `sys.getsizeof`.
@@ -456,10 +476,15 @@ impl TaskResult {
             )
             .into());
         }
-        let mut inner = self.state.inner.lock();
-        inner.progress = value;
-        if step.is_some() {
-            inner.step = step;
+        {
+            let mut inner = self.state.inner.lock();
+            inner.progress = value;
+            if step.is_some() {
+                inner.step.clone_from(&step);
+            }
+        }
+        if let Some(store) = self.shared.upgrade().and_then(|s| s.store.clone()) {
+            store.progress(self.state.id(), value, step);
         }
         Ok(())
     }

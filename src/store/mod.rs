@@ -1,0 +1,3 @@
+//! Durable storage for task records: SQLite (embedded) today.
+
+pub mod sqlite;

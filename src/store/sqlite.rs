@@ -1,0 +1,479 @@
+//! Task records in SQLite (WAL), written by one thread in batched transactions.
+//!
+//! Pure Rust: callers hand over rows and updates; nothing here touches Python.
+
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// Most writes one transaction takes.
+const BATCH: usize = 1024;
+
+/// A full task row.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Row {
+    pub task_id: String,
+    pub name: String,
+    pub status: String,
+    pub priority: i64,
+    pub attempts: i64,
+    pub max_retries: i64,
+    pub timeout_ms: f64,
+    pub due_at: f64,
+    pub progress: f64,
+    pub current_step: Option<String>,
+    pub args: Option<String>,
+    pub kwargs: Option<String>,
+    /// Why the task cannot run again after a restart, if it cannot.
+    pub not_restartable: Option<String>,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub created_at: f64,
+    pub started_at: Option<f64>,
+    pub finished_at: Option<f64>,
+}
+
+enum Op {
+    Insert(Box<Row>),
+    Started {
+        id: String,
+        attempts: i64,
+        at: f64,
+    },
+    Waiting {
+        id: String,
+        status: &'static str,
+    },
+    Progress {
+        id: String,
+        progress: f64,
+        step: Option<String>,
+    },
+    Finished {
+        id: String,
+        status: &'static str,
+        result: Option<String>,
+        error: Option<String>,
+        at: f64,
+    },
+    Delete(String),
+    Flush(Sender<()>),
+    Stop,
+}
+
+/// Why the store failed.
+#[derive(Debug)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+pub struct SqliteStore {
+    path: String,
+    tx: Sender<Op>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// The first write error, once writing failed; the engine keeps running in memory.
+    failure: std::sync::Arc<Mutex<Option<String>>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS catzilla_tasks (
+    task_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    max_retries INTEGER NOT NULL,
+    timeout_ms REAL NOT NULL,
+    due_at REAL NOT NULL,
+    progress REAL NOT NULL,
+    current_step TEXT,
+    args TEXT,
+    kwargs TEXT,
+    not_restartable TEXT,
+    result TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS catzilla_tasks_status ON catzilla_tasks (status);
+";
+
+fn open_connection(path: &str) -> Result<Connection, StoreError> {
+    let conn =
+        Connection::open(path).map_err(|e| StoreError(format!("cannot open {path}: {e}")))?;
+    conn.busy_timeout(Duration::from_secs(2))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(|e| StoreError(format!("{path} is not a usable SQLite database: {e}")))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError(format!(
+            "{path}: cannot switch to WAL mode (got {mode})"
+        )));
+    }
+    conn.execute_batch("PRAGMA synchronous=NORMAL;")?;
+    conn.execute_batch(SCHEMA)
+        .map_err(|e| StoreError(format!("cannot write to {path}: {e}")))?;
+    // Prove the file takes writes now (read-only or locked files fail here).
+    conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+        .map_err(|e| StoreError(format!("cannot write to {path}: {e}")))?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database and starts the writer thread.
+    pub fn open(path: &str) -> Result<Self, StoreError> {
+        let conn = open_connection(path)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let failure = std::sync::Arc::new(Mutex::new(None));
+        let fail = failure.clone();
+        let writer = std::thread::Builder::new()
+            .name("catzilla-store".into())
+            .spawn(move || write_loop(conn, &rx, &fail))
+            .map_err(|e| StoreError(format!("cannot start the store thread: {e}")))?;
+        Ok(Self {
+            path: path.to_string(),
+            tx,
+            writer: Mutex::new(Some(writer)),
+            failure,
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The first write error, if writing has failed.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().clone()
+    }
+
+    pub fn insert(&self, row: Row) {
+        let _ = self.tx.send(Op::Insert(Box::new(row)));
+    }
+
+    pub fn delete(&self, id: String) {
+        let _ = self.tx.send(Op::Delete(id));
+    }
+
+    pub fn started(&self, id: String, attempts: i64, at: f64) {
+        let _ = self.tx.send(Op::Started { id, attempts, at });
+    }
+
+    pub fn waiting(&self, id: String, status: &'static str) {
+        let _ = self.tx.send(Op::Waiting { id, status });
+    }
+
+    pub fn progress(&self, id: String, progress: f64, step: Option<String>) {
+        let _ = self.tx.send(Op::Progress { id, progress, step });
+    }
+
+    pub fn finished(
+        &self,
+        id: String,
+        status: &'static str,
+        result: Option<String>,
+        error: Option<String>,
+        at: f64,
+    ) {
+        let _ = self.tx.send(Op::Finished {
+            id,
+            status,
+            result,
+            error,
+            at,
+        });
+    }
+
+    /// Blocks until everything handed over before this call is committed
+    /// (or `timeout` passes). Returns whether it was.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let (done, wait) = crossbeam_channel::bounded(1);
+        self.tx.send(Op::Flush(done)).is_ok() && wait.recv_timeout(timeout).is_ok()
+    }
+
+    /// Flushes and stops the writer thread.
+    pub fn close(&self, timeout: Duration) {
+        self.flush(timeout);
+        let _ = self.tx.send(Op::Stop);
+        if let Some(w) = self.writer.lock().take() {
+            let _ = w.join();
+        }
+    }
+
+    /// Rows in one of `statuses`, oldest first, read on a fresh connection.
+    pub fn load(&self, statuses: &[&str]) -> Result<Vec<Row>, StoreError> {
+        let conn = Connection::open(&self.path)?;
+        let marks = vec!["?"; statuses.len()].join(",");
+        let sql = format!("SELECT {COLUMNS} FROM catzilla_tasks WHERE status IN ({marks}) ORDER BY created_at, task_id");
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(statuses.iter()), read_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// One row by id.
+    pub fn get(&self, id: &str) -> Result<Option<Row>, StoreError> {
+        let conn = Connection::open(&self.path)?;
+        let sql = format!("SELECT {COLUMNS} FROM catzilla_tasks WHERE task_id = ?1");
+        Ok(conn.query_row(&sql, [id], read_row).optional()?)
+    }
+
+    /// The newest rows, optionally with one status.
+    pub fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<Row>, StoreError> {
+        let conn = Connection::open(&self.path)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match status {
+            Some(s) => {
+                let sql = format!("SELECT {COLUMNS} FROM catzilla_tasks WHERE status = ?1 ORDER BY created_at DESC, task_id DESC LIMIT ?2");
+                let mut stmt = conn.prepare(&sql)?;
+                let found = stmt
+                    .query_map(params![s, limit], read_row)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                found
+            }
+            None => {
+                let sql = format!("SELECT {COLUMNS} FROM catzilla_tasks ORDER BY created_at DESC, task_id DESC LIMIT ?1");
+                let mut stmt = conn.prepare(&sql)?;
+                let found = stmt
+                    .query_map(params![limit], read_row)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                found
+            }
+        };
+        Ok(rows)
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close(Duration::from_secs(5));
+    }
+}
+
+const COLUMNS: &str = "task_id, name, status, priority, attempts, max_retries, timeout_ms, due_at, \
+    progress, current_step, args, kwargs, not_restartable, result, error, created_at, started_at, finished_at";
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        task_id: r.get(0)?,
+        name: r.get(1)?,
+        status: r.get(2)?,
+        priority: r.get(3)?,
+        attempts: r.get(4)?,
+        max_retries: r.get(5)?,
+        timeout_ms: r.get(6)?,
+        due_at: r.get(7)?,
+        progress: r.get(8)?,
+        current_step: r.get(9)?,
+        args: r.get(10)?,
+        kwargs: r.get(11)?,
+        not_restartable: r.get(12)?,
+        result: r.get(13)?,
+        error: r.get(14)?,
+        created_at: r.get(15)?,
+        started_at: r.get(16)?,
+        finished_at: r.get(17)?,
+    })
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
+    match op {
+        Op::Insert(row) => {
+            tx.execute(
+                &format!("INSERT OR REPLACE INTO catzilla_tasks ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
+                params![
+                    row.task_id, row.name, row.status, row.priority, row.attempts, row.max_retries,
+                    row.timeout_ms, row.due_at, row.progress, row.current_step, row.args, row.kwargs,
+                    row.not_restartable, row.result, row.error, row.created_at, row.started_at, row.finished_at
+                ],
+            )?;
+        }
+        Op::Started { id, attempts, at } => {
+            tx.execute(
+                "UPDATE catzilla_tasks SET status = 'running', attempts = ?2, started_at = COALESCE(started_at, ?3) WHERE task_id = ?1",
+                params![id, attempts, at],
+            )?;
+        }
+        Op::Waiting { id, status } => {
+            tx.execute(
+                "UPDATE catzilla_tasks SET status = ?2 WHERE task_id = ?1",
+                params![id, status],
+            )?;
+        }
+        Op::Progress { id, progress, step } => {
+            tx.execute(
+                "UPDATE catzilla_tasks SET progress = ?2, current_step = COALESCE(?3, current_step) WHERE task_id = ?1",
+                params![id, progress, step],
+            )?;
+        }
+        Op::Finished {
+            id,
+            status,
+            result,
+            error,
+            at,
+        } => {
+            tx.execute(
+                "UPDATE catzilla_tasks SET status = ?2, result = ?3, error = ?4, finished_at = ?5, \
+                 progress = CASE WHEN ?2 = 'completed' THEN 100.0 ELSE progress END, args = NULL, kwargs = NULL \
+                 WHERE task_id = ?1",
+                params![id, status, result, error, at],
+            )?;
+        }
+        Op::Delete(id) => {
+            tx.execute("DELETE FROM catzilla_tasks WHERE task_id = ?1", params![id])?;
+        }
+        Op::Flush(_) | Op::Stop => {}
+    }
+    Ok(())
+}
+
+fn write_loop(mut conn: Connection, rx: &Receiver<Op>, failure: &Mutex<Option<String>>) {
+    while let Ok(first) = rx.recv() {
+        let mut ops = vec![first];
+        while ops.len() < BATCH {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let written = conn.transaction().and_then(|tx| {
+            for op in &ops {
+                apply(&tx, op)?;
+            }
+            tx.commit()
+        });
+        if let Err(e) = written {
+            let mut f = failure.lock();
+            if f.is_none() {
+                *f = Some(e.to_string());
+            }
+        }
+        let mut stop = false;
+        for op in ops {
+            match op {
+                Op::Flush(done) => {
+                    let _ = done.send(());
+                }
+                Op::Stop => stop = true,
+                _ => {}
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, status: &str, created: f64) -> Row {
+        Row {
+            task_id: id.into(),
+            name: "m.f".into(),
+            status: status.into(),
+            priority: 2,
+            max_retries: 3,
+            timeout_ms: 30000.0,
+            args: Some("[1]".into()),
+            kwargs: Some("{}".into()),
+            created_at: created,
+            ..Default::default()
+        }
+    }
+
+    fn temp_db(name: &str) -> String {
+        let dir =
+            std::env::temp_dir().join(format!("catzilla-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("tasks.db").to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn records_updates_and_reads_back() {
+        let path = temp_db("basic");
+        let store = SqliteStore::open(&path).unwrap();
+        store.insert(row("a", "pending", 1.0));
+        store.insert(row("b", "scheduled", 2.0));
+        store.started("a".into(), 1, 5.0);
+        store.progress("a".into(), 40.0, Some("parsing".into()));
+        store.finished(
+            "b".into(),
+            "failed",
+            None,
+            Some("{\"type\":\"E\"}".into()),
+            6.0,
+        );
+        assert!(store.flush(Duration::from_secs(5)));
+        let a = store.get("a").unwrap().unwrap();
+        assert_eq!(
+            (a.status.as_str(), a.attempts, a.progress),
+            ("running", 1, 40.0)
+        );
+        assert_eq!(a.current_step.as_deref(), Some("parsing"));
+        assert_eq!(a.started_at, Some(5.0));
+        let b = store.get("b").unwrap().unwrap();
+        assert_eq!(b.status, "failed");
+        assert_eq!(b.args, None);
+        let open = store.load(&["pending", "running", "scheduled"]).unwrap();
+        assert_eq!(
+            open.iter().map(|r| r.task_id.as_str()).collect::<Vec<_>>(),
+            vec!["a"]
+        );
+        let newest = store.list(None, 10).unwrap();
+        assert_eq!(
+            newest
+                .iter()
+                .map(|r| r.task_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["b", "a"]
+        );
+        assert_eq!(store.list(Some("failed"), 10).unwrap().len(), 1);
+        store.close(Duration::from_secs(5));
+        // A second store on the same file sees everything.
+        let again = SqliteStore::open(&path).unwrap();
+        assert_eq!(again.get("a").unwrap().unwrap().progress, 40.0);
+        assert!(again.failure().is_none());
+    }
+
+    #[test]
+    fn refuses_files_that_are_not_databases() {
+        let path = temp_db("corrupt");
+        std::fs::write(
+            &path,
+            b"this is not a database at all, just text ....................",
+        )
+        .unwrap();
+        let err = SqliteStore::open(&path).err().unwrap();
+        assert!(
+            err.0.contains("not a usable SQLite database") || err.0.contains("cannot"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_unwritable_locations() {
+        let err = SqliteStore::open("/nonexistent-dir/sub/tasks.db")
+            .err()
+            .unwrap();
+        assert!(err.0.contains("cannot open"), "{err}");
+    }
+}
