@@ -14,7 +14,7 @@ use super::engine::{Counters, Defaults, Retention, Shared};
 use super::errors::{describe, Error, Result};
 use super::runtime::{close_event_loop, runtime};
 use super::stats::EngineStats;
-use super::task::{Call, Job, NewTask, Outcome, Status, TaskResult};
+use super::task::{Call, Job, KeyMap, NewTask, Outcome, Status, TaskResult};
 use crate::store::sqlite::{Row, SqliteStore};
 use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::{Pool, PoolConfig};
@@ -247,7 +247,7 @@ impl Engine {
             rng: Mutex::new(rng),
             defaults,
             counters: Counters::default(),
-            registry: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
+            registry: (0..16).map(|_| Mutex::new(KeyMap::default())).collect(),
             retention: Mutex::new(Retention {
                 order: VecDeque::new(),
                 bytes: 0,

@@ -15,7 +15,8 @@ use super::errors::{describe, Error, Result};
 use super::runtime::{lazy_event_loop, runtime, ParkOnForcedUnwind, Runtime};
 use super::task::epoch_now;
 use super::task::{
-    parse_id, run_callbacks, CurrentTask, Job, Key, NewTask, Outcome, Status, TaskResult, TaskState,
+    parse_id, run_callbacks, CurrentTask, Job, Key, KeyMap, NewTask, Outcome, Status, TaskResult,
+    TaskState,
 };
 use crate::store::sqlite::{Row, SqliteStore};
 use crate::tasks::backoff::{Backoff, Rng};
@@ -71,7 +72,7 @@ pub struct Shared {
     pub(crate) rng: Mutex<Rng>,
     pub(crate) defaults: Defaults,
     pub(crate) counters: Counters,
-    pub(crate) registry: Vec<Mutex<HashMap<Key, Job>>>,
+    pub(crate) registry: Vec<Mutex<KeyMap<Job>>>,
     pub(crate) retention: Mutex<Retention>,
     pub(crate) pool_bytes: u64,
     pub(crate) result_ttl: Duration,
@@ -124,11 +125,7 @@ fn is_awaitable(rt: &Runtime, value: &Bound<'_, PyAny>) -> bool {
 }
 
 impl Shared {
-    pub(crate) fn now_ns(&self) -> u64 {
-        (self.origin.elapsed().as_nanos() as u64).max(1)
-    }
-
-    pub(crate) fn shard(&self, key: Key) -> &Mutex<HashMap<Key, Job>> {
+    pub(crate) fn shard(&self, key: Key) -> &Mutex<KeyMap<Job>> {
         &self.registry[(key.1 % SHARDS as u64) as usize]
     }
 
@@ -194,7 +191,7 @@ impl Shared {
 
     /// Starts the task's attempt and runs it on this worker thread.
     fn run_one(&self, py: Python<'_>, rt: &Runtime, slot: &WorkerSlot, job: Job) {
-        let Some(attempt) = job.begin(self.now_ns()) else {
+        let Some(attempt) = job.begin(Instant::now()) else {
             self.sched.finish(1);
             return;
         };

@@ -74,9 +74,9 @@ struct Inner {
     errors: Vec<Py<PyAny>>,
     callbacks: Vec<Py<PyAny>>,
     progress: f64,
-    step: Option<String>,
-    started_at: Option<f64>,
-    finished_at: Option<f64>,
+    step: Option<Box<str>>,
+    /// When it became final, in ns from the clock anchor.
+    finished_ns: Option<u64>,
 }
 
 /// Seconds since the Unix epoch, for timestamps users read.
@@ -85,6 +85,22 @@ pub fn epoch_now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+/// One reading of both clocks, so task timestamps are taken from the cheap
+/// monotonic clock and turned into wall-clock time only when read.
+fn anchor() -> (Instant, f64) {
+    static ANCHOR: std::sync::OnceLock<(Instant, f64)> = std::sync::OnceLock::new();
+    *ANCHOR.get_or_init(|| (Instant::now(), epoch_now()))
+}
+
+/// Nanoseconds from the anchor to `at` (at least 1, so 0 can mean "never").
+fn anchor_ns(at: Instant) -> u64 {
+    (at.saturating_duration_since(anchor().0).as_nanos() as u64).max(1)
+}
+
+fn epoch_of_ns(ns: u64) -> f64 {
+    anchor().1 + ns as f64 / 1e9
 }
 
 thread_local! {
@@ -124,12 +140,12 @@ pub struct TaskState {
     pub max_retries: u32,
     pub timeout: Option<Duration>,
     pub created: Instant,
-    pub created_at: f64,
     /// Estimated bytes this task holds while it is not finished.
     pub footprint: u64,
     status: AtomicU8,
     attempts: AtomicU32,
-    started_ns: AtomicU64,
+    /// When the first attempt started, in ns from the clock anchor; 0: never.
+    first_start_ns: AtomicU64,
     inner: Mutex<Inner>,
     done: Condvar,
 }
@@ -151,6 +167,35 @@ pub fn format_id(prefix: u32, seq: u64) -> String {
 /// A task's identity: the prefix of the engine that created it and its
 /// sequence number. Tasks recovered from storage keep theirs.
 pub type Key = (u32, u64);
+
+/// A cheap multiply-rotate hasher for task keys. NOTE: keys are sequence
+/// numbers the engine makes itself (a lookup by an outside id never inserts),
+/// so they need no protection against crafted collisions; with it, the end
+/// to end run of 200k no-op tasks came out about 2% faster than with SipHash.
+#[derive(Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+pub type KeyMap<V> = std::collections::HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// The key inside a task id, or None when `id` is not a task id.
 pub fn parse_id(id: &str) -> Option<Key> {
@@ -187,11 +232,10 @@ impl TaskState {
             max_retries: t.max_retries,
             timeout: t.timeout,
             created: Instant::now(),
-            created_at: epoch_now(),
             footprint: t.footprint,
             status: AtomicU8::new(status as u8),
             attempts: AtomicU32::new(0),
-            started_ns: AtomicU64::new(0),
+            first_start_ns: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 call: Some(t.call),
                 func: None,
@@ -200,8 +244,7 @@ impl TaskState {
                 callbacks: Vec::new(),
                 progress: 0.0,
                 step: None,
-                started_at: None,
-                finished_at: None,
+                finished_ns: None,
             }),
             done: Condvar::new(),
         }
@@ -245,7 +288,7 @@ impl TaskState {
 
     /// Moves a waiting task to running and counts the attempt; false if it
     /// was cancelled or finished meanwhile.
-    pub fn begin(&self, started_ns: u64) -> Option<u32> {
+    pub fn begin(&self, now: Instant) -> Option<u32> {
         let cur = self.status.load(SeqCst);
         if !Status::from_u8(cur).is_waiting() {
             return None;
@@ -253,17 +296,10 @@ impl TaskState {
         self.status
             .compare_exchange(cur, Status::Running as u8, SeqCst, SeqCst)
             .ok()?;
-        self.started_ns.store(started_ns, SeqCst);
-        let mut inner = self.inner.lock();
-        if inner.started_at.is_none() {
-            inner.started_at = Some(epoch_now());
-        }
-        drop(inner);
+        let _ = self
+            .first_start_ns
+            .compare_exchange(0, anchor_ns(now), SeqCst, SeqCst);
         Some(self.attempts.fetch_add(1, SeqCst) + 1)
-    }
-
-    pub fn started_ns(&self) -> u64 {
-        self.started_ns.load(SeqCst)
     }
 
     /// The callable and its arguments, for one attempt.
@@ -300,7 +336,7 @@ impl TaskState {
         let call = inner.call.take();
         // The function stays (for `name`); the arguments go.
         inner.func = call.as_ref().map(|c| c.func.clone_ref(py));
-        inner.finished_at = Some(epoch_now());
+        inner.finished_ns = Some(anchor_ns(Instant::now()));
         if status == Status::Completed {
             inner.progress = 100.0;
         }
@@ -437,25 +473,26 @@ impl TaskResult {
     /// The step the task last reported, if any.
     #[getter]
     fn current_step(&self) -> Option<String> {
-        self.state.inner.lock().step.clone()
+        self.state.inner.lock().step.as_deref().map(str::to_string)
     }
 
     /// When the task was added, in seconds since the Unix epoch.
     #[getter]
     fn created_at(&self) -> f64 {
-        self.state.created_at
+        epoch_of_ns(anchor_ns(self.state.created))
     }
 
     /// When its first attempt started, in seconds since the Unix epoch.
     #[getter]
     fn started_at(&self) -> Option<f64> {
-        self.state.inner.lock().started_at
+        let ns = self.state.first_start_ns.load(SeqCst);
+        (ns != 0).then(|| epoch_of_ns(ns))
     }
 
     /// When it reached a final state, in seconds since the Unix epoch.
     #[getter]
     fn finished_at(&self) -> Option<f64> {
-        self.state.inner.lock().finished_at
+        self.state.inner.lock().finished_ns.map(epoch_of_ns)
     }
 
     /// Reports progress: `percent` from 0 to 100 and an optional step name.
@@ -479,8 +516,8 @@ impl TaskResult {
         {
             let mut inner = self.state.inner.lock();
             inner.progress = value;
-            if step.is_some() {
-                inner.step.clone_from(&step);
+            if let Some(text) = &step {
+                inner.step = Some(text.as_str().into());
             }
         }
         if let Some(store) = self.shared.upgrade().and_then(|s| s.store.clone()) {
