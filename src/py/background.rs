@@ -428,19 +428,9 @@ impl Engine {
             ),
         };
         self.shared.evict(Instant::now());
-        let mut jobs: Vec<Job> = self
+        let mut jobs = self
             .shared
-            .registry
-            .iter()
-            .flat_map(|shard| {
-                shard
-                    .lock()
-                    .values()
-                    .filter(|j| wanted.is_none_or(|w| j.status() as usize == w))
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+            .jobs_where(|j| wanted.is_none_or(|w| j.status() as usize == w));
         jobs.sort_unstable_by_key(|j| std::cmp::Reverse(j.seq));
         jobs.truncate(limit);
         Ok(jobs
@@ -707,18 +697,7 @@ impl Engine {
             );
         }
         shared.watchdog.stop();
-        let in_flight: Vec<Job> = shared
-            .registry
-            .iter()
-            .flat_map(|shard| {
-                shard
-                    .lock()
-                    .values()
-                    .filter(|j| !j.status().is_final())
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let in_flight = shared.jobs_where(|j| !j.status().is_final());
         let aio = close_event_loop(&shared.aio, &shared.aio_closed);
         if let Some(aio) = aio {
             let left = deadline

@@ -134,6 +134,15 @@ impl Shared {
         self.shard(key).lock().get(&key).cloned()
     }
 
+    /// Every registered task that matches, in no particular order.
+    pub fn jobs_where(&self, mut keep: impl FnMut(&Job) -> bool) -> Vec<Job> {
+        let mut out = Vec::new();
+        for shard in &self.registry {
+            out.extend(shard.lock().values().filter(|j| keep(j)).cloned());
+        }
+        out
+    }
+
     pub fn pool(&self) -> Option<Arc<Pool<Job>>> {
         self.pool.lock().clone()
     }
