@@ -15,7 +15,6 @@ import os
 import sys
 import time
 import traceback
-import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _aio
 from ._catzilla import Engine, EngineStats, TaskResult, _current_task, _init_runtime
+from ._log import reporter
 from .errors import (
     CatzillaError,
     EngineShutdownError,
@@ -320,11 +320,7 @@ class TaskInfo:
         }
 
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
-
-
-def _report(level: str, message: str, exc: BaseException | None) -> None:
-    logger.log(_LEVELS.get(level, logging.ERROR), message, exc_info=exc)
+_report = reporter(logger)
 
 
 def _encode_error(exc: BaseException) -> str:
@@ -373,7 +369,6 @@ _init_runtime(
         "TaskInterrupt": TaskInterrupt,
         "NonRetryableError": NonRetryableError,
         "TaskFunction": TaskFunction,
-        "CoroutineType": types.CoroutineType,
         "getsizeof": sys.getsizeof,
         "EventLoopThread": _aio.EventLoopThread,
         "report": _report,

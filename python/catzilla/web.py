@@ -18,6 +18,7 @@ from ._catzilla import (
     Response,
     _init_http,
 )
+from ._log import reporter
 from .errors import BadRequestError, HTTPError
 
 __all__ = [
@@ -33,11 +34,7 @@ __all__ = [
 
 logger = logging.getLogger("catzilla.http")
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
-
-
-def _report(level: str, message: str, exc: BaseException | None) -> None:
-    logger.log(_LEVELS.get(level, logging.ERROR), message, exc_info=exc)
+_report = reporter(logger)
 
 
 _init_http(

@@ -28,7 +28,7 @@ use super::http_runtime;
 use super::request::Request;
 use super::response::{error_response, to_http, HttpResponse};
 use super::router::{Match, Router};
-use crate::py::runtime::{close_event_loop, lazy_event_loop, ParkOnForcedUnwind};
+use crate::py::runtime::{close_event_loop, is_awaitable, lazy_event_loop, ParkOnForcedUnwind};
 use crate::tasks::scheduler::due_after;
 
 const BATCH_BUDGET: Duration = Duration::from_millis(2);
@@ -500,37 +500,37 @@ fn run_job(py: Python<'_>, shared: &Shared, job: Job) {
     let Some(reply) = reply.lock().take() else {
         return;
     };
-    let method = parts.method.as_str().to_string();
-    let path = parts.uri.path().to_string();
+    let method = parts.method.clone();
     let request = match Bound::new(py, Request::new(parts, body, params, Some(peer))) {
         Ok(r) => r,
         Err(err) => {
-            let _ = reply.send(failure(py, err, &method, &path));
+            let _ = reply.send(failure(py, err, method.as_str(), "(unreadable request)"));
             return;
         }
     };
+    // NOTE: method and path are read back from the request only on the error
+    // and async paths, so a plain request allocates no copies of them.
+    let req = request.get();
     let handler = shared.handlers[handler].bind(py);
-    let response = match handler.call1((request,)) {
-        Ok(value) if is_awaitable(&value) => {
-            match submit_async(py, shared, value, reply, method.clone(), path.clone()) {
+    let response = match handler.call1((&request,)) {
+        Ok(value)
+            if !value.is_instance_of::<super::response::Response>() && is_awaitable(&value) =>
+        {
+            let (method, path) = (req.method_str().to_string(), req.path_str().to_string());
+            match submit_async(py, shared, value, reply, method, path) {
                 Ok(()) => return,
                 Err((err, reply)) => {
-                    let _ = reply.send(failure(py, err, &method, &path));
+                    let _ = reply.send(failure(py, err, req.method_str(), req.path_str()));
                     return;
                 }
             }
         }
-        Ok(value) => to_http(&value).unwrap_or_else(|err| failure(py, err, &method, &path)),
-        Err(err) => failure(py, err, &method, &path),
+        Ok(value) => {
+            to_http(&value).unwrap_or_else(|err| failure(py, err, req.method_str(), req.path_str()))
+        }
+        Err(err) => failure(py, err, req.method_str(), req.path_str()),
     };
     let _ = reply.send(response);
-}
-
-fn is_awaitable(value: &Bound<'_, PyAny>) -> bool {
-    !value.is_none()
-        && !value.is_instance_of::<super::response::Response>()
-        && !value.is_instance_of::<pyo3::types::PyDict>()
-        && value.get_type().hasattr("__await__").unwrap_or(false)
 }
 
 type Reply = oneshot::Sender<HttpResponse>;

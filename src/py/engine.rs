@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use super::errors::{describe, Error, Result};
-use super::runtime::{lazy_event_loop, runtime, ParkOnForcedUnwind, Runtime};
+use super::runtime::{is_awaitable, lazy_event_loop, runtime, ParkOnForcedUnwind, Runtime};
 use super::task::epoch_now;
 use super::task::{
     parse_id, run_callbacks, CurrentTask, Job, Key, KeyMap, NewTask, Outcome, Status, TaskResult,
@@ -105,23 +104,6 @@ pub fn import_name(func: &Bound<'_, PyAny>) -> String {
         (None, Some(q)) => q,
         _ => describe(func),
     }
-}
-
-/// Whether a returned value must be awaited: coroutines and other awaitables.
-fn is_awaitable(rt: &Runtime, value: &Bound<'_, PyAny>) -> bool {
-    if value.is_none()
-        || value.is_exact_instance_of::<PyDict>()
-        || value.is_exact_instance_of::<PyString>()
-        || value.is_exact_instance_of::<PyInt>()
-        || value.is_exact_instance_of::<PyList>()
-        || value.is_exact_instance_of::<PyFloat>()
-        || value.is_exact_instance_of::<PyBool>()
-        || value.is_exact_instance_of::<PyTuple>()
-    {
-        return false;
-    }
-    let ty = value.get_type();
-    ty.is(rt.coroutine_type.bind(value.py())) || ty.hasattr("__await__").unwrap_or(false)
 }
 
 impl Shared {
@@ -241,7 +223,7 @@ impl Shared {
             self.record_profile(name, started.elapsed(), result.is_err());
         }
         match result {
-            Ok(value) if is_awaitable(rt, &value) => self.start_async(py, rt, job, value, attempt),
+            Ok(value) if is_awaitable(&value) => self.start_async(py, rt, job, value, attempt),
             Ok(value) => {
                 record_micros(&mut slot.histogram.lock(), started.elapsed());
                 self.complete(

@@ -19,7 +19,6 @@ pub struct Runtime {
     pub interrupt: Py<PyAny>,
     pub non_retryable: Py<PyAny>,
     pub task_function_type: Py<PyAny>,
-    pub coroutine_type: Py<PyAny>,
     pub getsizeof: Py<PyAny>,
     pub event_loop: Py<PyAny>,
     pub report: Py<PyAny>,
@@ -65,7 +64,6 @@ pub fn _init_runtime(spec: &Bound<'_, PyDict>) -> PyResult<()> {
         interrupt: item(spec, "TaskInterrupt")?,
         non_retryable: item(spec, "NonRetryableError")?,
         task_function_type: item(spec, "TaskFunction")?,
-        coroutine_type: item(spec, "CoroutineType")?,
         getsizeof: item(spec, "getsizeof")?,
         event_loop: item(spec, "EventLoopThread")?,
         report: item(spec, "report")?,
@@ -109,6 +107,25 @@ impl Runtime {
             Err(err) => err.into_value(py).into_bound(py).into_any(),
         }
     }
+}
+
+/// Whether a value a task or handler returned must be awaited: a coroutine
+/// or another awaitable. Common plain results are ruled out by exact type
+/// first, so they never pay for the attribute lookup.
+pub fn is_awaitable(value: &Bound<'_, PyAny>) -> bool {
+    use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+    if value.is_none()
+        || value.is_exact_instance_of::<PyDict>()
+        || value.is_exact_instance_of::<PyString>()
+        || value.is_exact_instance_of::<PyInt>()
+        || value.is_exact_instance_of::<PyList>()
+        || value.is_exact_instance_of::<PyFloat>()
+        || value.is_exact_instance_of::<PyBool>()
+        || value.is_exact_instance_of::<PyTuple>()
+    {
+        return false;
+    }
+    value.get_type().hasattr("__await__").unwrap_or(false)
 }
 
 /// The event loop thread kept in `cell`, started with `factory()` on first

@@ -363,6 +363,8 @@ impl TaskState {
     pub fn result_size(&self, py: Python<'_>) -> u64 {
         let inner = self.inner.lock();
         let value = match &inner.outcome {
+            // None is the commonest result; its size is nothing worth a call.
+            Outcome::Value(v) if v.is_none(py) => return 0,
             Outcome::Value(v) | Outcome::Error(v) | Outcome::Cancelled(v) => v.clone_ref(py),
             Outcome::Pending => return 0,
         };
