@@ -23,6 +23,8 @@ from conftest import DEADLINE, Recorder, wait_for_time, wait_until
 P = TaskPriority
 
 STATS_FIELDS = {
+    "storage_degraded",
+    "storage_error",
     "critical_queue_size",
     "high_queue_size",
     "normal_queue_size",

@@ -13,6 +13,9 @@ def _init_runtime(spec: dict[str, Any]) -> None:
 def _current_task() -> TaskResult | None:
     """The handle of the sync task running on this thread, if any."""
 
+def _after_fork_in_child() -> None:
+    """Marks every engine of the parent unusable; run in the child after ``os.fork()``."""
+
 def _panic_probe(message: str) -> None:
     """Panics in Rust on purpose (the tests use it to show panics are contained)."""
 
@@ -119,8 +122,12 @@ class EngineStats:
     workers_started: int
     workers_stopped: int
     panics_contained: int
+    storage_degraded: bool
+    """True once durable storage stopped taking writes; the engine runs on in memory."""
+    storage_error: str | None
+    """Why durable storage stopped, once it has."""
     uptime_seconds: float
-    def to_dict(self) -> dict[str, int | float]:
+    def to_dict(self) -> dict[str, int | float | bool | str | None]:
         """Every field, JSON-ready."""
 
 @disjoint_base
@@ -195,12 +202,18 @@ class Engine:
         without storage); returns whether it was within ``timeout`` seconds."""
     @property
     def storage_error(self) -> str | None:
-        """The first error writing to storage, once writes have failed."""
+        """Why durable storage stopped taking writes (the file was deleted, replaced
+        or made read-only, or a write failed), once it has; None otherwise."""
     def get_profile(self) -> dict[str, dict[str, float]]:
         """Per-function count, failures and run times (with ``enable_profiling``)."""
     @property
     def is_shutdown(self) -> bool:
-        """True once ``shutdown`` has run."""
+        """True once ``shutdown`` has run, and in a child process made by ``os.fork()``."""
+    @property
+    def is_forked(self) -> bool:
+        """True in a child process made by ``os.fork()`` after this engine started; the
+        engine's threads stayed in the parent and every call raises
+        ``EngineShutdownError``."""
     def shutdown(self, wait_for_completion: bool = True, timeout: float = 30.0) -> dict[str, Any]:
         """Stops intake, lets work finish up to ``timeout`` seconds (when
         ``wait_for_completion``), cancels and reports what never ran, and

@@ -67,6 +67,7 @@ class Catzilla:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.tasks: BackgroundTasks | None = None
+        self._task_options: dict[str, Any] = {}
         self.max_body_size = max_body_size
         self.handler_threads = handler_threads
         self.io_threads = io_threads
@@ -164,8 +165,8 @@ class Catzilla:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
                     previous[signum] = signal.signal(signum, stop_on_signal)
-        if self.tasks is not None and self.tasks.config["storage"] is not None:
-            self.tasks.recover()
+        if self.tasks is not None and self._engine().config["storage"] is not None:
+            self._engine().recover()
         try:
             server.serve()
         finally:
@@ -195,17 +196,22 @@ class Catzilla:
     def enable_background_tasks(self, **options: Any) -> BackgroundTasks:
         """Starts the background task engine with ``BackgroundTasks``' parameters
         and stores it as ``app.tasks``. Enabling twice raises ``RuntimeError``."""
-        if self.tasks is not None:
+        if self.tasks is not None and not self.tasks.is_forked:
             raise RuntimeError("background tasks are already enabled for this app")
         self.tasks = BackgroundTasks(**options)
+        self._task_options = options
         return self.tasks
 
     def _engine(self) -> BackgroundTasks:
-        if self.tasks is None:
+        tasks = self.tasks
+        if tasks is None:
             raise RuntimeError(
                 "background tasks are not enabled; call app.enable_background_tasks() first"
             )
-        return self.tasks
+        if tasks.is_forked:
+            # A child of os.fork(): the parent's engine threads did not follow.
+            tasks = self.tasks = BackgroundTasks(**self._task_options)
+        return tasks
 
     def add_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskResult:
         """Queues ``func(*args, **kwargs)`` on the engine; see ``BackgroundTasks.add_task``."""

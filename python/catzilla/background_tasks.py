@@ -23,7 +23,14 @@ from enum import Enum
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _aio
-from ._catzilla import Engine, EngineStats, TaskResult, _current_task, _init_runtime
+from ._catzilla import (
+    Engine,
+    EngineStats,
+    TaskResult,
+    _after_fork_in_child,
+    _current_task,
+    _init_runtime,
+)
 from ._log import reporter
 from .errors import (
     CatzillaError,
@@ -409,6 +416,10 @@ def _storage_path(storage: str | None) -> str | None:
 
 _live_engines: weakref.WeakSet[BackgroundTasks] = weakref.WeakSet()
 
+# The engine's threads stay in the parent on os.fork(): the child's copies of
+# engines raise a clear error (and Catzilla apps start a fresh one).
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 @atexit.register
 def _drain_at_exit() -> None:
@@ -506,7 +517,14 @@ class BackgroundTasks(Engine):
         handle = self.get_result(task_id)
         if handle is not None:
             return TaskInfo.from_handle(handle)
-        row = self._stored(task_id)
+        if not self._store_readable():
+            return None
+        try:
+            row = self._stored(task_id)
+        except StorageError:
+            if self._store_readable():
+                raise
+            return None
         return None if row is None else TaskInfo.from_row(row)
 
     def list_tasks(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskInfo]:
@@ -516,10 +534,18 @@ class BackgroundTasks(Engine):
             raise ValueError(f"limit must be an int >= 0, got {limit!r}")
         if status is not None and not isinstance(status, TaskStatus):
             raise TypeError(f"status must be a TaskStatus member or None, got {status!r}")
-        if self.config["storage"] is not None:
-            rows = self._stored_list(None if status is None else status.value, limit)
-            return [TaskInfo.from_row(row) for row in rows]
+        if self._store_readable():
+            try:
+                rows = self._stored_list(None if status is None else status.value, limit)
+                return [TaskInfo.from_row(row) for row in rows]
+            except StorageError:
+                if self._store_readable():
+                    raise
         return [TaskInfo.from_handle(h) for h in self._list(status, limit)]
+
+    def _store_readable(self) -> bool:
+        """Storage is configured and has not stopped (then lookups use memory)."""
+        return self.config["storage"] is not None and self.storage_error is None
 
     def recover(self) -> dict[str, list[str]]:
         """Runs again the tasks an earlier run left unfinished in the store

@@ -178,9 +178,10 @@ impl Engine {
     ) -> PyResult<Self> {
         let rt = runtime(py)?;
         let store = match storage {
-            Some(path) => Some(Arc::new(py.detach(|| SqliteStore::open(&path)).map_err(
-                |e| PyErr::from_value(rt.make_error(py, &rt.storage_error, e.0)),
-            )?)),
+            Some(path) => Some(Arc::new(
+                py.detach(|| SqliteStore::open(&path, Box::new(log_degraded)))
+                    .map_err(|e| PyErr::from_value(rt.make_error(py, &rt.storage_error, e.0)))?,
+            )),
             None => None,
         };
         let secs = |name: &'static str, v: f64| -> Result<Duration> {
@@ -265,6 +266,7 @@ impl Engine {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             profiling: enable_profiling,
             profile: Mutex::new(HashMap::new()),
+            born: super::fork::Born::here(),
         });
         let cfg = PoolConfig {
             initial: workers,
@@ -328,6 +330,7 @@ impl Engine {
         timeout_ms: Option<&Bound<'_, PyAny>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<TaskResult> {
+        self.shared.born.check()?;
         let rt = runtime(py)?;
         let shared = &self.shared;
         let d = &shared.defaults;
@@ -396,6 +399,7 @@ impl Engine {
 
     /// The handle of a task by id, while the engine still retains it.
     fn get_result(&self, task_id: &Bound<'_, PyAny>) -> PyResult<Option<TaskResult>> {
+        self.shared.born.check()?;
         let Ok(id) = task_id.extract::<String>() else {
             return Err(Error::WrongType("task_id", "a str", describe(task_id)).into());
         };
@@ -415,6 +419,7 @@ impl Engine {
         status: Option<&Bound<'_, PyAny>>,
         limit: usize,
     ) -> PyResult<Vec<TaskResult>> {
+        self.shared.born.check()?;
         let rt = runtime(py)?;
         let wanted = match status {
             None => None,
@@ -440,12 +445,14 @@ impl Engine {
     }
 
     /// A snapshot of every statistic.
-    fn get_stats(&self, py: Python<'_>) -> EngineStats {
-        py.detach(|| self.stats())
+    fn get_stats(&self, py: Python<'_>) -> PyResult<EngineStats> {
+        self.shared.born.check()?;
+        Ok(py.detach(|| self.stats()))
     }
 
     /// Per-function run times, collected when `enable_profiling` is on.
     fn get_profile<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.shared.born.check()?;
         // Read under the lock, build Python objects after: building them can
         // run Python code (GC), which must not happen while a worker may be
         // waiting on this lock with the GIL.
@@ -482,24 +489,30 @@ impl Engine {
     /// Rows of unfinished tasks in the store (pending, scheduled, running,
     /// retrying), oldest first; empty without storage.
     fn _stored_unfinished<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.shared.born.check()?;
         let Some(store) = &self.shared.store else {
             return Ok(Vec::new());
         };
-        store.flush(Duration::from_secs(10));
         let rows = py
-            .detach(|| store.load(&["pending", "scheduled", "running", "retrying"]))
+            .detach(|| {
+                store.flush(Duration::from_secs(10));
+                store.load(&["pending", "scheduled", "running", "retrying"])
+            })
             .map_err(|e| storage_err(py, e.0))?;
         rows.iter().map(|r| row_dict(py, r)).collect()
     }
 
     /// One stored row by id, or None.
     fn _stored<'py>(&self, py: Python<'py>, task_id: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.shared.born.check()?;
         let Some(store) = &self.shared.store else {
             return Ok(None);
         };
-        store.flush(Duration::from_secs(10));
         let row = py
-            .detach(|| store.get(task_id))
+            .detach(|| {
+                store.flush(Duration::from_secs(10));
+                store.get(task_id)
+            })
             .map_err(|e| storage_err(py, e.0))?;
         row.map(|r| row_dict(py, &r)).transpose()
     }
@@ -512,12 +525,15 @@ impl Engine {
         status: Option<String>,
         limit: usize,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.shared.born.check()?;
         let Some(store) = &self.shared.store else {
             return Ok(Vec::new());
         };
-        store.flush(Duration::from_secs(10));
         let rows = py
-            .detach(|| store.list(status.as_deref(), limit))
+            .detach(|| {
+                store.flush(Duration::from_secs(10));
+                store.list(status.as_deref(), limit)
+            })
             .map_err(|e| storage_err(py, e.0))?;
         rows.iter().map(|r| row_dict(py, r)).collect()
     }
@@ -536,6 +552,7 @@ impl Engine {
         max_retries: u32,
         timeout_ms: f64,
     ) -> PyResult<TaskResult> {
+        self.shared.born.check()?;
         let Some((prefix, seq)) = super::task::parse_id(task_id) else {
             return Err(
                 Error::BadValue("task_id", format!("is not a task id: {task_id:?}")).into(),
@@ -573,7 +590,8 @@ impl Engine {
     }
 
     /// Marks a stored task failed for good, with the reason.
-    fn _store_fail(&self, task_id: String, error_json: String) {
+    fn _store_fail(&self, task_id: String, error_json: String) -> PyResult<()> {
+        self.shared.born.check()?;
         if let Some(store) = &self.shared.store {
             store.finished(
                 task_id,
@@ -583,30 +601,72 @@ impl Engine {
                 super::task::epoch_now(),
             );
         }
+        Ok(())
     }
 
     /// Waits until everything handed to the store is committed; returns
     /// whether it was within `timeout` seconds. True without storage.
     #[pyo3(signature = (timeout=10.0))]
-    fn flush(&self, py: Python<'_>, timeout: f64) -> bool {
+    fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        self.shared.born.check()?;
         let Some(store) = &self.shared.store else {
-            return true;
+            return Ok(true);
         };
         let timeout =
             Duration::try_from_secs_f64(timeout.max(0.0)).unwrap_or(Duration::from_secs(3600));
-        py.detach(|| store.flush(timeout))
+        Ok(py.detach(|| store.flush(timeout)))
     }
 
     /// The first error writing to storage, once writes have failed; None otherwise.
     #[getter]
-    fn storage_error(&self) -> Option<String> {
-        self.shared.store.as_ref().and_then(|s| s.failure())
+    fn storage_error(&self) -> PyResult<Option<String>> {
+        self.shared.born.check()?;
+        Ok(self.shared.store.as_ref().and_then(|s| s.failure()))
     }
 
-    /// True once `shutdown` has run.
+    /// Lets the garbage collector see through the engine to what its tasks
+    /// hold, so a task that refers back to its engine does not leak both.
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        if self.shared.born.is_elsewhere() {
+            return Ok(());
+        }
+        for shard in &self.shared.registry {
+            let Some(map) = shard.try_lock() else {
+                continue;
+            };
+            for job in map.values() {
+                job.traverse(&visit)?;
+            }
+        }
+        if let Some(aio) = self.shared.aio.try_lock() {
+            visit.call(&*aio)?;
+        }
+        Ok(())
+    }
+
+    /// Breaks a reference cycle through the engine by forgetting its tasks.
+    fn __clear__(&self) {
+        if self.shared.born.is_elsewhere() {
+            return;
+        }
+        for shard in &self.shared.registry {
+            let forgotten = std::mem::take(&mut *shard.lock());
+            drop(forgotten);
+        }
+    }
+
+    /// True once `shutdown` has run, and in a child process made by
+    /// `os.fork()` (the engine's threads stayed in the parent).
     #[getter]
     fn is_shutdown(&self) -> bool {
-        self.shared.sched.is_closed()
+        self.shared.born.is_elsewhere() || self.shared.sched.is_closed()
+    }
+
+    /// True in a child process made by `os.fork()` after this engine started:
+    /// it cannot run tasks here, and every call raises `EngineShutdownError`.
+    #[getter]
+    fn is_forked(&self) -> bool {
+        self.shared.born.is_elsewhere()
     }
 
     /// Stops the engine; see the stub for the contract. Returns a report.
@@ -617,6 +677,7 @@ impl Engine {
         wait_for_completion: bool,
         timeout: f64,
     ) -> PyResult<Py<PyDict>> {
+        self.shared.born.check()?;
         if !(timeout.is_finite() && timeout >= 0.0) {
             return Err(Error::BadValue(
                 "timeout",
@@ -745,8 +806,14 @@ impl Engine {
                 py,
                 "warning",
                 format!(
-                    "{} task(s) were still running when shutdown returned: {}",
+                    "{} task(s) were still running when shutdown returned{}: {}",
                     running.len(),
+                    if shared.store.is_some() {
+                        " (unless they finish first, storage keeps them as running and \
+                         they run again after a restart)"
+                    } else {
+                        ""
+                    },
                     preview(&running)
                 ),
                 None,
@@ -839,6 +906,8 @@ impl Engine {
             workers_started: pool.grown,
             workers_stopped: pool.shrunk,
             panics_contained: c.panicked.load(SeqCst),
+            storage_degraded: shared.store.as_ref().is_some_and(|s| s.is_degraded()),
+            storage_error: shared.store.as_ref().and_then(|s| s.failure()),
             uptime_seconds: now.duration_since(shared.origin).as_secs_f64(),
         }
     }
@@ -846,7 +915,9 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        if self.report.lock().is_some() {
+        // NOTE: in a forked child the engine's threads, and any lock they
+        // held, stayed in the parent: touching them could deadlock.
+        if self.shared.born.is_elsewhere() || self.report.lock().is_some() {
             return;
         }
         Python::try_attach(|py| match self.stop(py, false, Duration::ZERO) {
@@ -854,6 +925,15 @@ impl Drop for Engine {
             Ok(_) => {}
         });
     }
+}
+
+/// Logs, once, that the store stopped taking writes (from the store's thread).
+fn log_degraded(reason: &str) {
+    Python::try_attach(|py| {
+        if let Ok(rt) = runtime(py) {
+            rt.log(py, "error", reason.to_string(), None);
+        }
+    });
 }
 
 fn preview(ids: &[String]) -> String {

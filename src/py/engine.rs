@@ -60,6 +60,8 @@ pub(crate) struct Defaults {
 
 pub struct Shared {
     pub(crate) me: Weak<Shared>,
+    /// The process it runs in; unusable in a forked child.
+    pub(crate) born: super::fork::Born,
     pub(crate) origin: Instant,
     pub(crate) prefix: u32,
     pub(crate) next_seq: AtomicU64,

@@ -15,6 +15,8 @@ pub enum Error {
     BadValue(&'static str, String),
     QueueFull(usize),
     ShutDown,
+    /// Used in a child process after `os.fork()`; holds the pid it was made in.
+    Forked(u32),
     NotReady(String),
     Timeout(String),
     /// `catzilla.background_tasks` was not imported before the native module was used.
@@ -68,6 +70,15 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
         Error::ShutDown => custom(
             |rt| &rt.shutdown_error,
             "the background task engine is shut down and accepts no new tasks".to_string(),
+        ),
+        Error::Forked(pid) => custom(
+            |rt| &rt.shutdown_error,
+            format!(
+                "this background task engine was started in process {pid} and does not run \
+                 in this child process (pid {}) made by os.fork(); start a new engine in the \
+                 child (a Catzilla app does so by itself on its next task call)",
+                std::process::id()
+            ),
         ),
         Error::NotReady(id) => custom(
             |rt| &rt.not_ready_error,

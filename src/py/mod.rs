@@ -3,6 +3,7 @@
 pub mod background;
 pub mod engine;
 pub mod errors;
+pub mod fork;
 pub mod runtime;
 pub mod stats;
 pub mod task;
@@ -17,6 +18,7 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(runtime::_init_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_probe, m)?)?;
     m.add_function(wrap_pyfunction!(task::_current_task, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::_after_fork_in_child, m)?)?;
     Ok(())
 }
 

@@ -86,5 +86,9 @@ engine_stats! {
     workers_started: u64,
     workers_stopped: u64,
     panics_contained: u64,
+    /// True once durable storage stopped taking writes; the engine runs on in memory.
+    storage_degraded: bool,
+    /// Why durable storage stopped, once it has; None otherwise.
+    storage_error: Option<String>,
     uptime_seconds: f64,
 }

@@ -11,6 +11,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 
 use super::engine::Shared;
 use super::errors::{describe, Error};
+use super::fork::Born;
 use super::runtime::{runtime, ParkOnForcedUnwind};
 
 pub const STATUS_COUNT: usize = 7;
@@ -151,6 +152,32 @@ pub struct TaskState {
 }
 
 pub type Job = Arc<TaskState>;
+
+impl TaskState {
+    /// Shows the garbage collector the Python objects this task holds. A
+    /// task whose lock is taken right now is skipped: the collector then
+    /// only sees fewer references, which keeps objects alive, never frees them.
+    pub fn traverse(&self, visit: &pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        let Some(inner) = self.inner.try_lock() else {
+            return Ok(());
+        };
+        if let Some(call) = &inner.call {
+            visit.call(&call.func)?;
+            visit.call(&call.args)?;
+            visit.call(&call.kwargs)?;
+            visit.call(&call.no_retry)?;
+        }
+        visit.call(&inner.func)?;
+        match &inner.outcome {
+            Outcome::Value(v) | Outcome::Error(v) | Outcome::Cancelled(v) => visit.call(v)?,
+            Outcome::Pending => {}
+        }
+        for o in inner.errors.iter().chain(&inner.callbacks) {
+            visit.call(o)?;
+        }
+        Ok(())
+    }
+}
 
 /// The function, arguments, keyword arguments and no-retry exception classes of a call.
 pub type CallParts = (
@@ -388,15 +415,21 @@ impl TaskState {
     }
 }
 
-#[pyclass(frozen, module = "catzilla._catzilla")]
+#[pyclass(frozen, weakref, module = "catzilla._catzilla")]
 pub struct TaskResult {
     pub state: Job,
     pub shared: Weak<Shared>,
+    born: Born,
 }
 
 impl TaskResult {
     pub fn new(state: Job, shared: Weak<Shared>) -> Self {
-        Self { state, shared }
+        let born = shared.upgrade().map_or_else(Born::here, |s| s.born);
+        Self {
+            state,
+            shared,
+            born,
+        }
     }
 }
 
@@ -453,7 +486,8 @@ impl TaskResult {
 
     /// The task function's import name, `module.qualname`.
     #[getter]
-    fn name(&self, py: Python<'_>) -> String {
+    fn name(&self, py: Python<'_>) -> PyResult<String> {
+        self.born.check()?;
         let func = {
             let inner = self.state.inner.lock();
             inner
@@ -462,20 +496,23 @@ impl TaskResult {
                 .map(|c| c.func.clone_ref(py))
                 .or_else(|| inner.func.as_ref().map(|f| f.clone_ref(py)))
         };
-        func.map(|f| super::engine::import_name(f.bind(py)))
-            .unwrap_or_default()
+        Ok(func
+            .map(|f| super::engine::import_name(f.bind(py)))
+            .unwrap_or_default())
     }
 
     /// Progress in percent (0-100), as the task last reported it; 100 once completed.
     #[getter]
-    fn progress(&self) -> f64 {
-        self.state.inner.lock().progress
+    fn progress(&self) -> PyResult<f64> {
+        self.born.check()?;
+        Ok(self.state.inner.lock().progress)
     }
 
     /// The step the task last reported, if any.
     #[getter]
-    fn current_step(&self) -> Option<String> {
-        self.state.inner.lock().step.as_deref().map(str::to_string)
+    fn current_step(&self) -> PyResult<Option<String>> {
+        self.born.check()?;
+        Ok(self.state.inner.lock().step.as_deref().map(str::to_string))
     }
 
     /// When the task was added, in seconds since the Unix epoch.
@@ -500,6 +537,7 @@ impl TaskResult {
     /// Reports progress: `percent` from 0 to 100 and an optional step name.
     #[pyo3(signature = (percent, step=None))]
     fn set_progress(&self, percent: &Bound<'_, PyAny>, step: Option<String>) -> PyResult<()> {
+        self.born.check()?;
         if percent.is_instance_of::<pyo3::types::PyBool>() {
             return Err(
                 Error::WrongType("percent", "a number from 0 to 100", describe(percent)).into(),
@@ -531,6 +569,7 @@ impl TaskResult {
     /// The exception of every failed attempt, oldest first.
     #[getter]
     fn errors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.born.check()?;
         let errors: Vec<Py<PyAny>> = {
             let inner = self.state.inner.lock();
             inner.errors.iter().map(|e| e.clone_ref(py)).collect()
@@ -547,6 +586,7 @@ impl TaskResult {
     /// final exception. Raises `TimeoutError` after `timeout` seconds.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        self.born.check()?;
         let deadline = match timeout {
             Some(t) if !(t >= 0.0 && t.is_finite()) => {
                 return Err(PyValueError::new_err(format!(
@@ -588,20 +628,23 @@ impl TaskResult {
     /// The value of a completed task; raises the final exception of a failed
     /// or cancelled one, and `TaskNotReadyError` while it has not finished.
     fn result(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.born.check()?;
         self.state.outcome(py)
     }
 
     /// The final exception of a failed or cancelled task, else None.
-    fn exception(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+    fn exception(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        self.born.check()?;
         let inner = self.state.inner.lock();
-        match &inner.outcome {
+        Ok(match &inner.outcome {
             Outcome::Error(e) | Outcome::Cancelled(e) => Some(e.clone_ref(py)),
             _ => None,
-        }
+        })
     }
 
     /// Cancels the task if it has not started; returns whether it did.
     fn cancel(&self, py: Python<'_>) -> PyResult<bool> {
+        self.born.check()?;
         match self.shared.upgrade() {
             Some(shared) => shared.cancel(py, &self.state),
             None => Ok(false),
@@ -610,6 +653,7 @@ impl TaskResult {
 
     /// Calls `fn(task_result)` once the task finishes, at once if it has.
     fn add_callback(slf: &Bound<'_, Self>, func: &Bound<'_, PyAny>) -> PyResult<()> {
+        slf.get().born.check()?;
         if !func.is_callable() {
             return Err(Error::WrongType("callback", "callable", describe(func)).into());
         }
@@ -626,6 +670,7 @@ impl TaskResult {
     }
 
     fn __await__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        slf.get().born.check()?;
         let rt = runtime(slf.py())?;
         rt.await_result
             .bind(slf.py())

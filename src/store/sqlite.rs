@@ -2,12 +2,15 @@
 //!
 //! Pure Rust: callers hand over rows and updates; nothing here touches Python.
 
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 /// Most writes one transaction takes.
 const BATCH: usize = 1024;
@@ -80,12 +83,44 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// Told once, from the writer thread, why the store stopped taking writes.
+pub type OnDegraded = Box<dyn Fn(&str) + Send>;
+
+/// Whether the store still takes writes, and why not once it does not.
+#[derive(Default)]
+struct Health {
+    degraded: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
+
+impl Health {
+    /// Records the first failure; returns whether this call recorded it.
+    fn degrade(&self, reason: String) -> bool {
+        let mut r = self.reason.lock();
+        if r.is_some() {
+            return false;
+        }
+        *r = Some(reason);
+        self.degraded.store(true, Ordering::SeqCst);
+        true
+    }
+}
+
+/// The file the writer opened, to notice it being deleted, replaced or made read-only.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+/// How often an idle writer looks at its file.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
 pub struct SqliteStore {
     path: String,
     tx: Sender<Op>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// The first write error, once writing failed; the engine keeps running in memory.
-    failure: std::sync::Arc<Mutex<Option<String>>>,
+    health: Arc<Health>,
 }
 
 const SCHEMA: &str = "
@@ -135,20 +170,33 @@ fn open_connection(path: &str) -> Result<Connection, StoreError> {
 
 impl SqliteStore {
     /// Opens (or creates) the database and starts the writer thread.
-    pub fn open(path: &str) -> Result<Self, StoreError> {
+    /// `on_degraded` is told once if the store later stops taking writes.
+    pub fn open(path: &str, on_degraded: OnDegraded) -> Result<Self, StoreError> {
         let conn = open_connection(path)?;
+        let id = std::fs::metadata(path)
+            .map(|m| FileId {
+                dev: m.dev(),
+                ino: m.ino(),
+            })
+            .map_err(|e| StoreError(format!("cannot read {path}: {e}")))?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let failure = std::sync::Arc::new(Mutex::new(None));
-        let fail = failure.clone();
+        let health = Arc::new(Health::default());
+        let writer = Writer {
+            conn,
+            path: path.to_string(),
+            id,
+            health: health.clone(),
+            on_degraded,
+        };
         let writer = std::thread::Builder::new()
             .name("catzilla-store".into())
-            .spawn(move || write_loop(conn, &rx, &fail))
+            .spawn(move || writer.run(&rx))
             .map_err(|e| StoreError(format!("cannot start the store thread: {e}")))?;
         Ok(Self {
             path: path.to_string(),
             tx,
             writer: Mutex::new(Some(writer)),
-            failure,
+            health,
         })
     }
 
@@ -156,9 +204,28 @@ impl SqliteStore {
         &self.path
     }
 
-    /// The first write error, if writing has failed.
+    /// Why the store stopped taking writes, once it has; the engine then
+    /// keeps running in memory and the store is neither written nor read.
     pub fn failure(&self) -> Option<String> {
-        self.failure.lock().clone()
+        self.health.reason.lock().clone()
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        self.health.degraded.load(Ordering::Relaxed)
+    }
+
+    /// A reading connection; never creates the file, so a deleted store is an error.
+    fn reader(&self) -> Result<Connection, StoreError> {
+        if let Some(reason) = self.failure() {
+            return Err(StoreError(reason));
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError(format!("cannot open {}: {e}", self.path)))?;
+        conn.busy_timeout(Duration::from_secs(2))?;
+        Ok(conn)
     }
 
     pub fn insert(&self, row: Row) {
@@ -216,7 +283,7 @@ impl SqliteStore {
 
     /// Rows in one of `statuses`, oldest first, read on a fresh connection.
     pub fn load(&self, statuses: &[&str]) -> Result<Vec<Row>, StoreError> {
-        let conn = Connection::open(&self.path)?;
+        let conn = self.reader()?;
         let marks = vec!["?"; statuses.len()].join(",");
         let sql = format!("SELECT {COLUMNS} FROM catzilla_tasks WHERE status IN ({marks}) ORDER BY created_at, task_id");
         let mut stmt = conn.prepare(&sql)?;
@@ -228,14 +295,14 @@ impl SqliteStore {
 
     /// One row by id.
     pub fn get(&self, id: &str) -> Result<Option<Row>, StoreError> {
-        let conn = Connection::open(&self.path)?;
+        let conn = self.reader()?;
         let sql = format!("SELECT {COLUMNS} FROM catzilla_tasks WHERE task_id = ?1");
         Ok(conn.query_row(&sql, [id], read_row).optional()?)
     }
 
     /// The newest rows, optionally with one status.
     pub fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<Row>, StoreError> {
-        let conn = Connection::open(&self.path)?;
+        let conn = self.reader()?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = match status {
             Some(s) => {
@@ -343,39 +410,103 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn write_loop(mut conn: Connection, rx: &Receiver<Op>, failure: &Mutex<Option<String>>) {
-    while let Ok(first) = rx.recv() {
-        let mut ops = vec![first];
-        while ops.len() < BATCH {
-            match rx.try_recv() {
-                Ok(op) => ops.push(op),
-                Err(_) => break,
-            }
-        }
-        let written = conn.transaction().and_then(|tx| {
-            for op in &ops {
-                apply(&tx, op)?;
-            }
-            tx.commit()
-        });
-        if let Err(e) = written {
-            let mut f = failure.lock();
-            if f.is_none() {
-                *f = Some(e.to_string());
-            }
-        }
-        let mut stop = false;
-        for op in ops {
-            match op {
-                Op::Flush(done) => {
-                    let _ = done.send(());
+struct Writer {
+    conn: Connection,
+    path: String,
+    id: FileId,
+    health: Arc<Health>,
+    on_degraded: OnDegraded,
+}
+
+impl Writer {
+    fn run(mut self, rx: &Receiver<Op>) {
+        loop {
+            let first = match rx.recv_timeout(HEALTH_INTERVAL) {
+                Ok(op) => op,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.check_file();
+                    continue;
                 }
-                Op::Stop => stop = true,
-                _ => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut ops = vec![first];
+            while ops.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            // NOTE: one stat() per batch (about a microsecond, against tens for
+            // a commit) notices a deleted or read-only file before rows go into
+            // a file nobody will read again.
+            self.check_file();
+            if !self.health.degraded.load(Ordering::Relaxed) {
+                if let Err(e) = self.write(&ops) {
+                    self.degrade(format!("writing to {} failed: {e}", self.path));
+                }
+            }
+            let mut stop = false;
+            for op in ops {
+                match op {
+                    Op::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                    Op::Stop => stop = true,
+                    _ => {}
+                }
+            }
+            if stop {
+                return;
             }
         }
-        if stop {
+    }
+
+    fn write(&mut self, ops: &[Op]) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        for op in ops {
+            apply(&tx, op)?;
+        }
+        tx.commit()
+    }
+
+    fn check_file(&self) {
+        if self.health.degraded.load(Ordering::Relaxed) {
             return;
+        }
+        let path = &self.path;
+        let problem = match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(format!("the database file {path} was deleted"))
+            }
+            Err(e) => Some(format!("cannot check the database file {path}: {e}")),
+            Ok(m)
+                if FileId {
+                    dev: m.dev(),
+                    ino: m.ino(),
+                } != self.id =>
+            {
+                Some(format!(
+                    "the database file {path} was replaced by another file"
+                ))
+            }
+            Ok(m) if m.permissions().readonly() => Some(format!(
+                "the database file {path} was made read-only (mode {:o})",
+                m.mode() & 0o777
+            )),
+            Ok(_) => None,
+        };
+        if let Some(problem) = problem {
+            self.degrade(problem);
+        }
+    }
+
+    fn degrade(&self, problem: String) {
+        let reason = format!(
+            "durable storage stopped: {problem}; the engine keeps running in memory \
+             and records nothing more in the store"
+        );
+        if self.health.degrade(reason.clone()) {
+            (self.on_degraded)(&reason);
         }
     }
 }
@@ -399,6 +530,10 @@ mod tests {
         }
     }
 
+    fn quiet() -> OnDegraded {
+        Box::new(|_| {})
+    }
+
     fn temp_db(name: &str) -> String {
         let dir =
             std::env::temp_dir().join(format!("catzilla-store-{}-{name}", std::process::id()));
@@ -410,7 +545,7 @@ mod tests {
     #[test]
     fn records_updates_and_reads_back() {
         let path = temp_db("basic");
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqliteStore::open(&path, quiet()).unwrap();
         store.insert(row("a", "pending", 1.0));
         store.insert(row("b", "scheduled", 2.0));
         store.started("a".into(), 1, 5.0);
@@ -449,7 +584,7 @@ mod tests {
         assert_eq!(store.list(Some("failed"), 10).unwrap().len(), 1);
         store.close(Duration::from_secs(5));
         // A second store on the same file sees everything.
-        let again = SqliteStore::open(&path).unwrap();
+        let again = SqliteStore::open(&path, quiet()).unwrap();
         assert_eq!(again.get("a").unwrap().unwrap().progress, 40.0);
         assert!(again.failure().is_none());
     }
@@ -462,7 +597,7 @@ mod tests {
             b"this is not a database at all, just text ....................",
         )
         .unwrap();
-        let err = SqliteStore::open(&path).err().unwrap();
+        let err = SqliteStore::open(&path, quiet()).err().unwrap();
         assert!(
             err.0.contains("not a usable SQLite database") || err.0.contains("cannot"),
             "{err}"
@@ -471,9 +606,58 @@ mod tests {
 
     #[test]
     fn refuses_unwritable_locations() {
-        let err = SqliteStore::open("/nonexistent-dir/sub/tasks.db")
+        let err = SqliteStore::open("/nonexistent-dir/sub/tasks.db", quiet())
             .err()
             .unwrap();
         assert!(err.0.contains("cannot open"), "{err}");
+    }
+
+    fn telling() -> (OnDegraded, crossbeam_channel::Receiver<String>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (
+            Box::new(move |reason: &str| {
+                let _ = tx.send(reason.to_string());
+            }),
+            rx,
+        )
+    }
+
+    #[test]
+    fn a_deleted_file_stops_the_store_once_and_says_why() {
+        let path = temp_db("deleted");
+        let (hook, told) = telling();
+        let store = SqliteStore::open(&path, hook).unwrap();
+        store.insert(row("a", "pending", 1.0));
+        assert!(store.flush(Duration::from_secs(5)));
+        assert_eq!(store.get("a").unwrap().unwrap().status, "pending");
+        std::fs::remove_file(&path).unwrap();
+        store.insert(row("b", "pending", 2.0));
+        assert!(store.flush(Duration::from_secs(5)));
+        let reason = told.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(reason.contains("was deleted"), "{reason}");
+        assert!(store.is_degraded());
+        assert_eq!(store.failure().as_deref(), Some(reason.as_str()));
+        // Reads fail with the reason instead of creating an empty file.
+        let err = store.get("a").err().unwrap();
+        assert!(err.0.contains("was deleted"), "{err}");
+        assert!(!std::path::Path::new(&path).exists());
+        store.insert(row("c", "pending", 3.0));
+        assert!(store.flush(Duration::from_secs(5)));
+        assert!(told.try_recv().is_err(), "told only once");
+    }
+
+    #[test]
+    fn a_file_made_read_only_stops_the_store_while_idle() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = temp_db("readonly");
+        let (hook, told) = telling();
+        let store = SqliteStore::open(&path, hook).unwrap();
+        store.insert(row("a", "pending", 1.0));
+        assert!(store.flush(Duration::from_secs(5)));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        // No writes: the idle check notices within its interval.
+        let reason = told.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(reason.contains("read-only (mode 444)"), "{reason}");
+        assert!(store.is_degraded());
     }
 }
