@@ -250,4 +250,67 @@ mod tests {
         assert_eq!(percent_decode("%zz"), "%zz");
         assert_eq!(percent_decode("%C3%A9"), "é");
     }
+
+    /// Percent-encodes every byte outside the unreserved set, as a client would.
+    fn encode(s: &str) -> String {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn lookup_never_panics_on_any_method_or_path(method in ".{0,12}", path in "\\PC{0,80}") {
+                let r = router();
+                let _ = r.lookup(&method, &path);
+                let _ = r.lookup(&method, &format!("/{path}"));
+                let _ = percent_decode(&path);
+            }
+
+            #[test]
+            fn lookup_never_panics_on_escapes(path in "(/|%|[0-9a-fA-F]|%2[fF]|%25|\\PC){0,40}") {
+                let r = router();
+                let _ = r.lookup("GET", &format!("/task-progress/{path}"));
+                let _ = r.lookup("GET", &format!("/files/{path}"));
+            }
+
+            #[test]
+            fn any_encoded_parameter_value_comes_back_whole(value in "\\PC{1,40}") {
+                let r = router();
+                let found = r.lookup("GET", &format!("/task-progress/{}", encode(&value)));
+                prop_assert_eq!(found, Match::Found {
+                    handler: 3,
+                    params: vec![("task_id".into(), value.clone())],
+                });
+            }
+
+            #[test]
+            fn catch_all_keeps_every_segment(parts in proptest::collection::vec("\\PC{1,12}", 1..5)) {
+                let r = router();
+                let path = parts.iter().map(|p| encode(p)).collect::<Vec<_>>().join("/");
+                let found = r.lookup("GET", &format!("/files/{path}"));
+                prop_assert_eq!(found, Match::Found {
+                    handler: 4,
+                    params: vec![("path".into(), parts.join("/"))],
+                });
+            }
+
+            #[test]
+            fn percent_decoding_inverts_encoding(value in "\\PC{0,60}") {
+                prop_assert_eq!(percent_decode(&encode(&value)), value);
+            }
+        }
+    }
 }
