@@ -4,6 +4,7 @@ from .app import Catzilla
 from .background_tasks import (
     BackgroundTasks,
     EngineStats,
+    PeriodicTask,
     TaskPriority,
     TaskResult,
     TaskStatus,
@@ -29,6 +30,7 @@ __all__ = [
     "HTTPError",
     "JSONResponse",
     "Path",
+    "PeriodicTask",
     "PlainTextResponse",
     "Query",
     "Request",

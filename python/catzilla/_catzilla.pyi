@@ -82,6 +82,57 @@ class TaskResult:
         """``await result`` suspends until the task finishes and returns its value."""
 
 @final
+class PeriodicTask:
+    """A recurring task made by ``add_periodic_task`` or ``@periodic``. Each run
+    is an ordinary task (see ``last_result_id``)."""
+
+    @property
+    def name(self) -> str:
+        """Unique per engine; with storage, runs are recorded under it."""
+    @property
+    def schedule(self) -> str:
+        """The schedule as text, e.g. ``every 60.0 s`` or ``cron "0 3 * * *" (UTC)``."""
+    @property
+    def next_run_at(self) -> float | None:
+        """When the next run fires (seconds since the epoch); None once cancelled."""
+    @property
+    def last_run_at(self) -> float | None:
+        """When the last run was queued (seconds since the epoch), if any."""
+    @property
+    def last_result_id(self) -> str | None:
+        """The task id of the last run, for ``get_task`` / ``get_task_result``."""
+    @property
+    def runs(self) -> int:
+        """Runs queued so far; with storage, counting earlier processes' runs."""
+    @property
+    def failures(self) -> int:
+        """Runs of this process that ended failed or could not be queued."""
+    @property
+    def skipped(self) -> int:
+        """Firings skipped because the previous run was still going (``overlap=False``)."""
+    @property
+    def overlap(self) -> bool:
+        """Whether a run may start while the previous one is still going."""
+    @property
+    def is_paused(self) -> bool: ...
+    @property
+    def is_cancelled(self) -> bool: ...
+    def pause(self) -> None:
+        """Stops queuing runs until ``resume()``; firings keep their times and
+        pass without a run. Raises ``ValueError`` once cancelled."""
+    def resume(self) -> None:
+        """Queues runs again from the next due time. Raises ``ValueError`` once cancelled."""
+    def cancel(self) -> bool:
+        """Stops the schedule for good (a run already queued still runs);
+        returns whether it was active."""
+
+@final
+class RunEnded:
+    """Internal: counts a periodic run's failure when it ends."""
+
+    def __call__(self, handle: TaskResult) -> None: ...
+
+@final
 class EngineStats:
     """One reading of the engine's statistics; docs/background-tasks.md defines each."""
 
@@ -177,6 +228,27 @@ class Engine:
         """A snapshot of every statistic."""
     def _list(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskResult]:
         """Handles of retained tasks, newest first, filtered by status."""
+    def _add_periodic(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        *,
+        every: float | None,
+        cron: str | None,
+        timezone: str,
+        priority: Any,
+        max_retries: Any,
+        timeout_ms: Any,
+        start_at: float | None,
+        jitter_ms: float,
+        overlap: bool,
+        missed: str,
+        name: str,
+    ) -> PeriodicTask:
+        """Registers a periodic task (arguments already checked by ``catzilla.periodic``)."""
+    def _periodic_tasks(self) -> list[PeriodicTask]:
+        """The periodic tasks not cancelled, in the order they were added."""
     def _stored_unfinished(self) -> list[dict[str, Any]]:
         """Stored rows of unfinished tasks, oldest first."""
     def _stored(self, task_id: str) -> dict[str, Any] | None:

@@ -6,6 +6,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -13,6 +14,7 @@ from ._catzilla import Server
 from .background_tasks import (
     BackgroundTasks,
     EngineStats,
+    PeriodicTask,
     TaskFunction,
     TaskInfo,
     TaskPriority,
@@ -25,6 +27,7 @@ from .web import make_adapter
 P = ParamSpec("P")
 R = TypeVar("R")
 H = TypeVar("H", bound=Callable[..., Any])
+F = TypeVar("F", bound=Callable[..., Any])
 
 _PARAM = re.compile(r"\{\*?([A-Za-z_][A-Za-z0-9_]*)\}")
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
@@ -250,6 +253,76 @@ class Catzilla:
             no_retry_for=no_retry_for,
         )
         return decorate(func) if func is not None else decorate
+
+    def add_periodic_task(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        every: float | timedelta | None = None,
+        cron: str | None = None,
+        timezone: str = "UTC",
+        priority: TaskPriority | None = None,
+        max_retries: int | None = None,
+        timeout_ms: float | None = None,
+        start_at: datetime | float | None = None,
+        jitter_ms: float = 0,
+        overlap: bool = False,
+        missed: str = "run_once",
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> PeriodicTask:
+        """Runs ``func`` on a schedule; see ``BackgroundTasks.add_periodic_task``."""
+        return self._engine().add_periodic_task(
+            func,
+            *args,
+            every=every,
+            cron=cron,
+            timezone=timezone,
+            priority=priority,
+            max_retries=max_retries,
+            timeout_ms=timeout_ms,
+            start_at=start_at,
+            jitter_ms=jitter_ms,
+            overlap=overlap,
+            missed=missed,
+            name=name,
+            **kwargs,
+        )
+
+    def periodic(
+        self,
+        *,
+        every: float | timedelta | None = None,
+        cron: str | None = None,
+        timezone: str = "UTC",
+        priority: TaskPriority | None = None,
+        max_retries: int | None = None,
+        timeout_ms: float | None = None,
+        start_at: datetime | float | None = None,
+        jitter_ms: float = 0,
+        overlap: bool = False,
+        missed: str = "run_once",
+        name: str | None = None,
+    ) -> Callable[[F], F]:
+        """``@app.periodic(every=60)`` / ``@app.periodic(cron="0 3 * * *")``: runs
+        the decorated function (no arguments) on a schedule."""
+        return self._engine().periodic(
+            every=every,
+            cron=cron,
+            timezone=timezone,
+            priority=priority,
+            max_retries=max_retries,
+            timeout_ms=timeout_ms,
+            start_at=start_at,
+            jitter_ms=jitter_ms,
+            overlap=overlap,
+            missed=missed,
+            name=name,
+        )
+
+    def list_periodic_tasks(self) -> list[PeriodicTask]:
+        """The app's periodic tasks not cancelled, in the order they were added."""
+        return self._engine().list_periodic_tasks()
 
     def get_task_stats(self) -> EngineStats:
         """The engine's statistics; see ``EngineStats``."""

@@ -18,14 +18,16 @@ import traceback
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import _aio
+from . import periodic as _periodic
 from ._catzilla import (
     Engine,
     EngineStats,
+    PeriodicTask,
     TaskResult,
     _after_fork_in_child,
     _current_task,
@@ -51,6 +53,7 @@ __all__ = [
     "EngineShutdownError",
     "EngineStats",
     "NonRetryableError",
+    "PeriodicTask",
     "StorageError",
     "TaskCancelledError",
     "TaskFunction",
@@ -72,6 +75,7 @@ logger = logging.getLogger("catzilla.tasks")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class TaskPriority(Enum):
@@ -510,6 +514,85 @@ class BackgroundTasks(Engine):
         return self
 
     task = staticmethod(task)
+
+    def add_periodic_task(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        every: float | timedelta | None = None,
+        cron: str | None = None,
+        timezone: str = "UTC",
+        priority: TaskPriority | None = None,
+        max_retries: int | None = None,
+        timeout_ms: float | None = None,
+        start_at: datetime | float | None = None,
+        jitter_ms: float = 0,
+        overlap: bool = False,
+        missed: str = "run_once",
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> PeriodicTask:
+        """Runs ``func(*args, **kwargs)`` on a schedule: ``every`` seconds (or a
+        timedelta) or at the times of a ``cron`` expression. Each run is an
+        ordinary task. See docs/background-tasks.md, "Periodic tasks"."""
+        return _periodic.add_periodic_task(
+            self,
+            func,
+            args,
+            kwargs,
+            every=every,
+            cron=cron,
+            timezone=timezone,
+            priority=priority,
+            max_retries=max_retries,
+            timeout_ms=timeout_ms,
+            start_at=start_at,
+            jitter_ms=jitter_ms,
+            overlap=overlap,
+            missed=missed,
+            name=name,
+        )
+
+    def periodic(
+        self,
+        *,
+        every: float | timedelta | None = None,
+        cron: str | None = None,
+        timezone: str = "UTC",
+        priority: TaskPriority | None = None,
+        max_retries: int | None = None,
+        timeout_ms: float | None = None,
+        start_at: datetime | float | None = None,
+        jitter_ms: float = 0,
+        overlap: bool = False,
+        missed: str = "run_once",
+        name: str | None = None,
+    ) -> Callable[[F], F]:
+        """Decorator form of ``add_periodic_task`` (for a function taking no
+        arguments); the function itself is returned unchanged."""
+
+        def register(func: F) -> F:
+            self.add_periodic_task(
+                func,
+                every=every,
+                cron=cron,
+                timezone=timezone,
+                priority=priority,
+                max_retries=max_retries,
+                timeout_ms=timeout_ms,
+                start_at=start_at,
+                jitter_ms=jitter_ms,
+                overlap=overlap,
+                missed=missed,
+                name=name,
+            )
+            return func
+
+        return register
+
+    def list_periodic_tasks(self) -> list[PeriodicTask]:
+        """The periodic tasks not cancelled, in the order they were added."""
+        return self._periodic_tasks()
 
     def get_task(self, task_id: str) -> TaskInfo | None:
         """The state of a task by id, or None for an unknown (or evicted) id.

@@ -26,7 +26,7 @@ use crate::tasks::watchdog::Watchdog;
 const MB: f64 = 1024.0 * 1024.0;
 
 /// `TaskFunction._catzilla_options`: the function, then its defaults.
-type TaskOptions<'py> = (
+type TaskFunctionOptions<'py> = (
     Bound<'py, PyAny>,
     Option<Bound<'py, PyAny>>,
     Option<Bound<'py, PyAny>>,
@@ -43,7 +43,7 @@ pub struct Engine {
     stopping: Mutex<()>,
 }
 
-fn parse_ms(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
+pub(crate) fn parse_ms(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
     let ms: f64 = if v.is_instance_of::<PyBool>() {
         return Err(Error::WrongType(
             name,
@@ -64,7 +64,7 @@ fn parse_ms(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
         .map_err(|_| Error::BadValue(name, format!("is too large: {ms} ms")))
 }
 
-fn parse_count(name: &'static str, v: &Bound<'_, PyAny>) -> Result<u32> {
+pub(crate) fn parse_count(name: &'static str, v: &Bound<'_, PyAny>) -> Result<u32> {
     if v.is_instance_of::<PyBool>() {
         return Err(Error::WrongType(name, "an int", describe(v)));
     }
@@ -260,6 +260,7 @@ impl Engine {
             async_histogram: Mutex::new(async_histogram),
             sampler: Mutex::new(Sampler::new(first_sample, Duration::from_secs(1))),
             aio: Mutex::new(None),
+            periodics: Mutex::new(None),
             aio_closed: std::sync::atomic::AtomicBool::new(false),
             store,
             storage_strict,
@@ -331,70 +332,72 @@ impl Engine {
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<TaskResult> {
         self.shared.born.check()?;
-        let rt = runtime(py)?;
-        let shared = &self.shared;
-        let d = &shared.defaults;
-        let (mut lane, mut delay, mut retries, mut timeout) =
-            (d.lane, d.delay, d.max_retries, d.timeout);
-        let mut no_retry = None;
-        let mut func = func.clone();
-        if func.get_type().is(rt.task_function_type.bind(py)) {
-            let opts = func.getattr("_catzilla_options")?;
-            let (inner, p, dl, mr, to, nr): TaskOptions<'_> = opts.extract()?;
-            if let Some(p) = p {
-                lane = shared.parse_lane(rt, &p)?;
-            }
-            if let Some(dl) = dl {
-                delay = parse_ms("delay_ms", &dl)?;
-            }
-            if let Some(mr) = mr {
-                retries = parse_count("max_retries", &mr)?;
-            }
-            if let Some(to) = to {
-                timeout = timeout_of(parse_ms("timeout_ms", &to)?);
-            }
-            no_retry = nr.map(Bound::unbind);
-            func = inner;
-        }
-        if !func.is_callable() {
-            return Err(Error::WrongType("func", "callable", describe(&func)).into());
-        }
-        if let Some(p) = priority {
-            lane = shared.parse_lane(rt, p)?;
-        }
-        if let Some(v) = delay_ms {
-            delay = parse_ms("delay_ms", v)?;
-        }
-        if let Some(v) = max_retries {
-            retries = parse_count("max_retries", v)?;
-        }
-        if let Some(v) = timeout_ms {
-            timeout = timeout_of(parse_ms("timeout_ms", v)?);
-        }
-        let kw_len = kwargs.map_or(0, |k| k.len()) as u64;
-        let footprint =
-            200 + 8 * args.len() as u64 + if kw_len > 0 { 100 + 48 * kw_len } else { 0 };
-        let task = NewTask {
-            seq: shared.next_seq.fetch_add(1, SeqCst),
-            prefix: shared.prefix,
-            lane,
-            max_retries: retries,
-            timeout,
-            delayed: !delay.is_zero(),
-            footprint,
-            call: Call {
-                func: func.unbind(),
-                args: args.clone().unbind(),
-                kwargs: kwargs.filter(|k| !k.is_empty()).map(|k| k.clone().unbind()),
-                no_retry,
+        let job = enqueue(
+            py,
+            &self.shared,
+            func,
+            args,
+            kwargs,
+            TaskOptions {
+                priority,
+                delay_ms,
+                max_retries,
+                timeout_ms,
+                seq: None,
             },
+        )?;
+        Ok(TaskResult::new(job, Arc::downgrade(&self.shared)))
+    }
+
+    /// Registers a periodic task; `BackgroundTasks.add_periodic_task` checks
+    /// and converts the arguments first.
+    #[pyo3(signature = (func, args, kwargs, *, every, cron, timezone, priority, max_retries, timeout_ms, start_at, jitter_ms, overlap, missed, name))]
+    #[allow(clippy::too_many_arguments)]
+    fn _add_periodic<'py>(
+        &self,
+        py: Python<'py>,
+        func: Bound<'py, PyAny>,
+        args: Bound<'py, PyTuple>,
+        kwargs: Option<Bound<'py, PyDict>>,
+        every: Option<f64>,
+        cron: Option<String>,
+        timezone: String,
+        priority: Option<Bound<'py, PyAny>>,
+        max_retries: Option<Bound<'py, PyAny>>,
+        timeout_ms: Option<Bound<'py, PyAny>>,
+        start_at: Option<f64>,
+        jitter_ms: f64,
+        overlap: bool,
+        missed: String,
+        name: String,
+    ) -> PyResult<super::periodic::PeriodicTask> {
+        self.shared.born.check()?;
+        if self.shared.sched.is_closed() {
+            return Err(Error::ShutDown.into());
+        }
+        let new = super::periodic::NewSchedule {
+            func,
+            args,
+            kwargs,
+            every,
+            cron,
+            timezone,
+            priority,
+            max_retries,
+            timeout_ms,
+            start_at,
+            jitter_ms,
+            overlap,
+            missed,
+            name,
         };
-        let row = match &shared.store {
-            Some(_) => Some(durable_row(py, rt, shared, &task, delay)?),
-            None => None,
-        };
-        let job = shared.submit(task, delay, row)?;
-        Ok(TaskResult::new(job, Arc::downgrade(shared)))
+        Ok(super::periodic::add(py, &self.shared, new)?)
+    }
+
+    /// The periodic tasks not cancelled, in the order they were added.
+    fn _periodic_tasks(&self) -> PyResult<Vec<super::periodic::PeriodicTask>> {
+        self.shared.born.check()?;
+        Ok(super::periodic::list(&self.shared))
     }
 
     /// The handle of a task by id, while the engine still retains it.
@@ -641,6 +644,11 @@ impl Engine {
         if let Some(aio) = self.shared.aio.try_lock() {
             visit.call(&*aio)?;
         }
+        if let Some(periodics) = self.shared.periodics.try_lock() {
+            if let Some(p) = periodics.as_ref() {
+                p.traverse(&visit)?;
+            }
+        }
         Ok(())
     }
 
@@ -652,6 +660,10 @@ impl Engine {
         for shard in &self.shared.registry {
             let forgotten = std::mem::take(&mut *shard.lock());
             drop(forgotten);
+        }
+        let periodics = self.shared.periodics.lock().clone();
+        if let Some(p) = periodics {
+            p.clear();
         }
     }
 
@@ -717,6 +729,10 @@ impl Engine {
         let rt = runtime(py)?;
         let shared = &self.shared;
         let deadline = crate::tasks::scheduler::due_after(Instant::now(), timeout);
+        let periodics = shared.periodics.lock().clone();
+        if let Some(p) = periodics {
+            p.stop(py);
+        }
         shared.sched.close_intake();
         // NOTE: waits in 50 ms slices so a signal (a second Ctrl+C) can cut the
         // drain short; what is left is then cancelled and reported as usual.
@@ -925,6 +941,97 @@ impl Drop for Engine {
             Ok(_) => {}
         });
     }
+}
+
+/// Per-call options of `add_task`; None takes the task's or engine's default.
+pub struct TaskOptions<'a, 'py> {
+    pub priority: Option<&'a Bound<'py, PyAny>>,
+    pub delay_ms: Option<&'a Bound<'py, PyAny>>,
+    pub max_retries: Option<&'a Bound<'py, PyAny>>,
+    pub timeout_ms: Option<&'a Bound<'py, PyAny>>,
+    /// The sequence number of its id, when the caller reserved one.
+    pub seq: Option<u64>,
+}
+
+/// Queues `func(*args, **kwargs)` with `add_task`'s rules; the engine's
+/// `add_task` and each periodic run come through here.
+pub fn enqueue(
+    py: Python<'_>,
+    shared: &Arc<Shared>,
+    func: &Bound<'_, PyAny>,
+    args: &Bound<'_, PyTuple>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+    options: TaskOptions<'_, '_>,
+) -> PyResult<Job> {
+    let TaskOptions {
+        priority,
+        delay_ms,
+        max_retries,
+        timeout_ms,
+        seq,
+    } = options;
+    let rt = runtime(py)?;
+    let d = &shared.defaults;
+    let (mut lane, mut delay, mut retries, mut timeout) =
+        (d.lane, d.delay, d.max_retries, d.timeout);
+    let mut no_retry = None;
+    let mut func = func.clone();
+    if func.get_type().is(rt.task_function_type.bind(py)) {
+        let opts = func.getattr("_catzilla_options")?;
+        let (inner, p, dl, mr, to, nr): TaskFunctionOptions<'_> = opts.extract()?;
+        if let Some(p) = p {
+            lane = shared.parse_lane(rt, &p)?;
+        }
+        if let Some(dl) = dl {
+            delay = parse_ms("delay_ms", &dl)?;
+        }
+        if let Some(mr) = mr {
+            retries = parse_count("max_retries", &mr)?;
+        }
+        if let Some(to) = to {
+            timeout = timeout_of(parse_ms("timeout_ms", &to)?);
+        }
+        no_retry = nr.map(Bound::unbind);
+        func = inner;
+    }
+    if !func.is_callable() {
+        return Err(Error::WrongType("func", "callable", describe(&func)).into());
+    }
+    if let Some(p) = priority {
+        lane = shared.parse_lane(rt, p)?;
+    }
+    if let Some(v) = delay_ms {
+        delay = parse_ms("delay_ms", v)?;
+    }
+    if let Some(v) = max_retries {
+        retries = parse_count("max_retries", v)?;
+    }
+    if let Some(v) = timeout_ms {
+        timeout = timeout_of(parse_ms("timeout_ms", v)?);
+    }
+    let kw_len = kwargs.map_or(0, |k| k.len()) as u64;
+    let footprint = 200 + 8 * args.len() as u64 + if kw_len > 0 { 100 + 48 * kw_len } else { 0 };
+    let task = NewTask {
+        seq: seq.unwrap_or_else(|| shared.next_seq.fetch_add(1, SeqCst)),
+        prefix: shared.prefix,
+        lane,
+        max_retries: retries,
+        timeout,
+        delayed: !delay.is_zero(),
+        footprint,
+        call: Call {
+            func: func.unbind(),
+            args: args.clone().unbind(),
+            kwargs: kwargs.filter(|k| !k.is_empty()).map(|k| k.clone().unbind()),
+            no_retry,
+        },
+    };
+    let row = match &shared.store {
+        Some(_) => Some(durable_row(py, rt, shared, &task, delay)?),
+        None => None,
+    };
+    let job = shared.submit(task, delay, row)?;
+    Ok(job)
 }
 
 /// Logs, once, that the store stopped taking writes (from the store's thread).

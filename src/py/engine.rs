@@ -82,6 +82,8 @@ pub struct Shared {
     pub(crate) async_histogram: Mutex<Histogram<u64>>,
     pub(crate) sampler: Mutex<Sampler>,
     pub(crate) aio: Mutex<Option<Py<PyAny>>>,
+    /// Periodic tasks and their thread, from the first one added.
+    pub(crate) periodics: Mutex<Option<Arc<super::periodic::Periodics>>>,
     pub(crate) aio_closed: std::sync::atomic::AtomicBool,
     /// Durable storage, when configured.
     pub(crate) store: Option<Arc<SqliteStore>>,

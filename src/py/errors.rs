@@ -17,6 +17,10 @@ pub enum Error {
     ShutDown,
     /// Used in a child process after `os.fork()`; holds the pid it was made in.
     Forked(u32),
+    /// The durable store could not be read or written.
+    Storage(String),
+    /// A combination of arguments that does not go together; the whole message.
+    Usage(String),
     NotReady(String),
     Timeout(String),
     /// `catzilla.background_tasks` was not imported before the native module was used.
@@ -80,6 +84,8 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
                 std::process::id()
             ),
         ),
+        Error::Storage(msg) => custom(|rt| &rt.storage_error, msg),
+        Error::Usage(msg) => PyValueError::new_err(msg),
         Error::NotReady(id) => custom(
             |rt| &rt.not_ready_error,
             format!("task {id} has not finished yet"),

@@ -4,6 +4,7 @@ pub mod background;
 pub mod engine;
 pub mod errors;
 pub mod fork;
+pub mod periodic;
 pub mod runtime;
 pub mod stats;
 pub mod task;
@@ -15,6 +16,8 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<task::TaskResult>()?;
     m.add_class::<stats::EngineStats>()?;
     m.add_class::<engine::AsyncDone>()?;
+    m.add_class::<periodic::PeriodicTask>()?;
+    m.add_class::<periodic::RunEnded>()?;
     m.add_function(wrap_pyfunction!(runtime::_init_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_probe, m)?)?;
     m.add_function(wrap_pyfunction!(task::_current_task, m)?)?;

@@ -121,6 +121,8 @@ pub struct SqliteStore {
     tx: Sender<Op>,
     writer: Mutex<Option<JoinHandle<()>>>,
     health: Arc<Health>,
+    /// For schedules: answers that cannot wait for the writer's next batch.
+    control: Mutex<Option<Connection>>,
 }
 
 const SCHEMA: &str = "
@@ -145,7 +147,36 @@ CREATE TABLE IF NOT EXISTS catzilla_tasks (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS catzilla_tasks_status ON catzilla_tasks (status);
+CREATE TABLE IF NOT EXISTS catzilla_schedules (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    anchor REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS catzilla_schedule_runs (
+    name TEXT NOT NULL,
+    due_ms INTEGER NOT NULL,
+    task_id TEXT NOT NULL,
+    claimed_at REAL NOT NULL,
+    pid INTEGER NOT NULL,
+    PRIMARY KEY (name, due_ms)
+);
 ";
+
+/// Runs kept per schedule in `catzilla_schedule_runs`; older ones are pruned.
+const RUNS_KEPT: i64 = 200;
+
+/// What the store knows of a schedule when it is registered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScheduleRecord {
+    /// The interval anchor every process on this store shares.
+    pub anchor: f64,
+    /// The due time of the newest run claimed, and when it was claimed.
+    pub last_due: Option<f64>,
+    pub last_run_at: Option<f64>,
+    pub last_task_id: Option<String>,
+    /// Runs claimed so far (those still recorded).
+    pub runs: i64,
+}
 
 fn open_connection(path: &str) -> Result<Connection, StoreError> {
     let conn =
@@ -197,6 +228,7 @@ impl SqliteStore {
             tx,
             writer: Mutex::new(Some(writer)),
             health,
+            control: Mutex::new(None),
         })
     }
 
@@ -279,6 +311,105 @@ impl SqliteStore {
         if let Some(w) = self.writer.lock().take() {
             let _ = w.join();
         }
+    }
+
+    fn with_control<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, StoreError> {
+        let mut slot = self.control.lock();
+        let conn = match slot.as_mut() {
+            Some(conn) => conn,
+            None => slot.insert(self.reader()?),
+        };
+        Ok(f(conn)?)
+    }
+
+    /// Registers a schedule (or finds it from an earlier run). A schedule
+    /// whose spec changed starts over from `anchor`.
+    pub fn open_schedule(
+        &self,
+        name: &str,
+        spec: &str,
+        anchor: f64,
+    ) -> Result<ScheduleRecord, StoreError> {
+        self.with_control(|conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let known: Option<(String, f64)> = tx
+                .query_row(
+                    "SELECT spec, anchor FROM catzilla_schedules WHERE name = ?1",
+                    [name],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let anchor = match known {
+                Some((s, a)) if s == spec => a,
+                Some(_) => {
+                    tx.execute(
+                        "UPDATE catzilla_schedules SET spec = ?2, anchor = ?3 WHERE name = ?1",
+                        params![name, spec, anchor],
+                    )?;
+                    tx.execute("DELETE FROM catzilla_schedule_runs WHERE name = ?1", [name])?;
+                    anchor
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO catzilla_schedules (name, spec, anchor) VALUES (?1, ?2, ?3)",
+                        params![name, spec, anchor],
+                    )?;
+                    anchor
+                }
+            };
+            let last: Option<(i64, f64, String)> = tx
+                .query_row(
+                    "SELECT due_ms, claimed_at, task_id FROM catzilla_schedule_runs \
+                     WHERE name = ?1 ORDER BY due_ms DESC LIMIT 1",
+                    [name],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let runs: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM catzilla_schedule_runs WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )?;
+            tx.commit()?;
+            Ok(ScheduleRecord {
+                anchor,
+                last_due: last.as_ref().map(|l| l.0 as f64 / 1000.0),
+                last_run_at: last.as_ref().map(|l| l.1),
+                last_task_id: last.map(|l| l.2),
+                runs,
+            })
+        })
+    }
+
+    /// Claims the run of schedule `name` due at `due` for this process:
+    /// true for exactly one of all the processes that try.
+    pub fn claim_run(
+        &self,
+        name: &str,
+        due: f64,
+        task_id: &str,
+        at: f64,
+    ) -> Result<bool, StoreError> {
+        let due_ms = (due * 1000.0).round() as i64;
+        self.with_control(|conn| {
+            let claimed = conn.execute(
+                "INSERT OR IGNORE INTO catzilla_schedule_runs (name, due_ms, task_id, claimed_at, pid) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![name, due_ms, task_id, at, std::process::id()],
+            )? == 1;
+            if claimed {
+                conn.execute(
+                    "DELETE FROM catzilla_schedule_runs WHERE name = ?1 AND due_ms < \
+                     (SELECT due_ms FROM catzilla_schedule_runs WHERE name = ?1 \
+                      ORDER BY due_ms DESC LIMIT 1 OFFSET ?2)",
+                    params![name, RUNS_KEPT],
+                )?;
+            }
+            Ok(claimed)
+        })
     }
 
     /// Rows in one of `statuses`, oldest first, read on a fresh connection.
@@ -659,5 +790,48 @@ mod tests {
         let reason = told.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(reason.contains("read-only (mode 444)"), "{reason}");
         assert!(store.is_degraded());
+    }
+
+    #[test]
+    fn a_run_is_claimed_once_across_stores_and_schedules_survive_reopening() {
+        let path = temp_db("schedules");
+        let a = SqliteStore::open(&path, quiet()).unwrap();
+        let b = SqliteStore::open(&path, quiet()).unwrap();
+        let first = a.open_schedule("beat", "every 5 s", 100.0).unwrap();
+        assert_eq!(
+            first,
+            ScheduleRecord {
+                anchor: 100.0,
+                last_due: None,
+                last_run_at: None,
+                last_task_id: None,
+                runs: 0
+            }
+        );
+        // A second process on the store shares the first one's anchor.
+        assert_eq!(
+            b.open_schedule("beat", "every 5 s", 777.0).unwrap().anchor,
+            100.0
+        );
+        assert!(a.claim_run("beat", 105.0, "t1", 105.2).unwrap());
+        assert!(!b.claim_run("beat", 105.0, "t2", 105.3).unwrap());
+        assert!(b.claim_run("beat", 110.0, "t3", 110.1).unwrap());
+        let again = a.open_schedule("beat", "every 5 s", 999.0).unwrap();
+        assert_eq!(again.last_due, Some(110.0));
+        assert_eq!(again.last_run_at, Some(110.1));
+        assert_eq!(again.last_task_id.as_deref(), Some("t3"));
+        assert_eq!(again.runs, 2);
+        // A changed schedule starts over.
+        let changed = a.open_schedule("beat", "every 7 s", 500.0).unwrap();
+        assert_eq!((changed.anchor, changed.runs), (500.0, 0));
+        for k in 0..(RUNS_KEPT + 50) {
+            assert!(a
+                .claim_run("beat", 500.0 + 7.0 * k as f64, "t", 0.0)
+                .unwrap());
+        }
+        assert_eq!(
+            a.open_schedule("beat", "every 7 s", 0.0).unwrap().runs,
+            RUNS_KEPT + 1
+        );
     }
 }

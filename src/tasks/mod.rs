@@ -2,6 +2,7 @@
 
 pub mod backoff;
 pub mod lanes;
+pub mod periodic;
 pub mod pool;
 pub mod scheduler;
 pub mod stats;
