@@ -36,9 +36,7 @@ def _epoch(value: object) -> float | None:
     if isinstance(value, datetime):
         return value.timestamp()  # a naive datetime is local time, as datetime.timestamp says
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(
-            f"start_at must be a datetime or seconds since the epoch, got {value!r}"
-        )
+        raise TypeError(f"start_at must be a datetime or seconds since the epoch, got {value!r}")
     return float(value)
 
 

@@ -577,6 +577,7 @@ impl Engine {
                 kwargs: (!kwargs.is_empty()).then(|| kwargs.clone().unbind()),
                 no_retry: None,
             },
+            callbacks: Vec::new(),
         };
         let job = self.shared.submit(task, delay, None)?;
         if let Some(store) = &self.shared.store {
@@ -953,8 +954,14 @@ pub struct TaskOptions<'a, 'py> {
     pub seq: Option<u64>,
 }
 
-/// Queues `func(*args, **kwargs)` with `add_task`'s rules; the engine's
-/// `add_task` and each periodic run come through here.
+/// A task ready to submit: made under the GIL, submitted without it.
+pub struct Prepared {
+    pub task: NewTask,
+    pub delay: Duration,
+    pub row: Option<Row>,
+}
+
+/// Queues `func(*args, **kwargs)` with `add_task`'s rules.
 pub fn enqueue(
     py: Python<'_>,
     shared: &Arc<Shared>,
@@ -963,6 +970,21 @@ pub fn enqueue(
     kwargs: Option<&Bound<'_, PyDict>>,
     options: TaskOptions<'_, '_>,
 ) -> PyResult<Job> {
+    let p = prepare(py, shared, func, args, kwargs, options)?;
+    Ok(shared.submit(p.task, p.delay, p.row)?)
+}
+
+/// Checks and builds a task with `add_task`'s rules (defaults, `@task`
+/// options, the durable row); the engine's `add_task` and each periodic run
+/// come through here.
+pub fn prepare(
+    py: Python<'_>,
+    shared: &Arc<Shared>,
+    func: &Bound<'_, PyAny>,
+    args: &Bound<'_, PyTuple>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+    options: TaskOptions<'_, '_>,
+) -> PyResult<Prepared> {
     let TaskOptions {
         priority,
         delay_ms,
@@ -1025,13 +1047,13 @@ pub fn enqueue(
             kwargs: kwargs.filter(|k| !k.is_empty()).map(|k| k.clone().unbind()),
             no_retry,
         },
+        callbacks: Vec::new(),
     };
     let row = match &shared.store {
         Some(_) => Some(durable_row(py, rt, shared, &task, delay)?),
         None => None,
     };
-    let job = shared.submit(task, delay, row)?;
-    Ok(job)
+    Ok(Prepared { task, delay, row })
 }
 
 /// Logs, once, that the store stopped taking writes (from the store's thread).

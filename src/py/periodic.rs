@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use super::background::{enqueue, TaskOptions};
+use super::background::{prepare, Prepared, TaskOptions};
 use super::engine::Shared;
 use super::errors::{describe, Error, Result};
 use super::runtime::{runtime, ParkOnForcedUnwind};
@@ -53,6 +53,9 @@ struct State {
     skipped: u64,
     paused: bool,
     cancelled: bool,
+    /// The next run, built ahead under the GIL, so that a firing can queue
+    /// it without waiting for the GIL.
+    next_run: Option<Prepared>,
 }
 
 /// The schedules of one engine and the thread that fires them.
@@ -118,6 +121,16 @@ impl Periodics {
                 if let Some(job) = &st.last_job {
                     job.traverse(visit)?;
                 }
+                if let Some(run) = &st.next_run {
+                    let call = &run.task.call;
+                    visit.call(&call.func)?;
+                    visit.call(&call.args)?;
+                    visit.call(&call.kwargs)?;
+                    visit.call(&call.no_retry)?;
+                    for cb in &run.task.callbacks {
+                        visit.call(cb)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -127,6 +140,8 @@ impl Periodics {
         let gone = std::mem::take(&mut *self.schedules.lock());
         for s in gone.values() {
             self.ticker.disarm(s.id);
+            let run = s.state.lock().next_run.take();
+            drop(run);
         }
         drop(gone);
     }
@@ -279,8 +294,10 @@ pub fn add(py: Python<'_>, shared: &Arc<Shared>, new: NewSchedule<'_>) -> Result
         .schedules
         .lock()
         .insert(schedule.id, schedule.clone());
+    let first = build_run(py, shared, &schedule)?;
     {
         let mut st = schedule.state.lock();
+        st.next_run = Some(first);
         periodics.arm(&schedule, &mut st);
     }
     Ok(PeriodicTask {
@@ -374,91 +391,148 @@ fn fire(shared: &Arc<Shared>, periodics: &Periodics, id: u64) {
         .as_ref()
         .filter(|store| !store.is_degraded())
         .map(|store| store.claim_run(&s.name, due, &task_id, now));
-    Python::attach(|py| {
-        let guard = ParkOnForcedUnwind;
-        let Ok(rt) = runtime(py) else { return };
-        match claim {
-            Some(Ok(false)) => {
-                guard.disarm();
-                return; // another process on the store runs this one
+    if let Some(Ok(false)) = claim {
+        return; // another process on the store runs this one
+    }
+    // NOTE: the fast path queues the run built ahead without the GIL: under
+    // GIL contention, each wait for it costs a switch interval (5 ms) or more,
+    // and a firing that waited would fall behind its schedule.
+    let ready = s.state.lock().next_run.take();
+    let queued = match ready {
+        Some(run) => submit_run(shared, &s, run, seq, &task_id, now),
+        None => Python::attach(|py| {
+            let guard = ParkOnForcedUnwind;
+            let queued = build_run(py, shared, &s)
+                .map_err(Error::Python)
+                .and_then(|run| submit_run(shared, &s, run, seq, &task_id, now));
+            // Holding the GIL now anyway: build the next run too.
+            if let Ok(next) = build_run(py, shared, &s) {
+                let mut st = s.state.lock();
+                if !st.cancelled && st.next_run.is_none() {
+                    st.next_run = Some(next);
+                }
             }
-            Some(Err(e)) => rt.log(
-                py,
-                "warning",
-                format!(
-                    "periodic task {:?}: could not record its run in storage ({e}); \
-                     running it anyway",
-                    s.name
-                ),
-                None,
+            guard.disarm();
+            queued
+        }),
+    };
+    let problem = match (queued, claim) {
+        (Err(e), _) => Some((
+            "error",
+            format!("periodic task {:?}: its run could not be queued", s.name),
+            Some(e),
+        )),
+        (Ok(()), Some(Err(e))) => Some((
+            "warning",
+            format!(
+                "periodic task {:?}: could not record its run in storage ({e}); ran it anyway",
+                s.name
             ),
-            _ => {}
+            None,
+        )),
+        _ => None,
+    };
+    if let Some((level, message, err)) = problem {
+        if err.is_some() {
+            s.failures.fetch_add(1, SeqCst);
         }
-        let queued = enqueue(
-            py,
-            shared,
-            s.func.bind(py),
-            s.args.bind(py),
-            s.kwargs.as_ref().map(|k| k.bind(py)),
-            TaskOptions {
-                priority: s.priority.as_ref().map(|v| v.bind(py)),
-                delay_ms: None,
-                max_retries: s.max_retries.as_ref().map(|v| v.bind(py)),
-                timeout_ms: s.timeout_ms.as_ref().map(|v| v.bind(py)),
-                seq: Some(seq),
-            },
-        );
-        match queued {
-            Ok(job) => {
-                {
-                    let mut st = s.state.lock();
-                    st.last_run_at = Some(now);
-                    st.last_result_id = Some(job.id());
-                    st.last_job = Some(job.clone());
-                    st.runs += 1;
-                }
-                let watch = Bound::new(
-                    py,
-                    RunEnded {
-                        schedule: s.clone(),
-                    },
-                )
-                .and_then(|cb| {
-                    Bound::new(py, TaskResult::new(job, Arc::downgrade(shared)))?
-                        .call_method1("add_callback", (cb,))
-                });
-                if let Err(err) = watch {
-                    err.print(py);
-                }
+        Python::attach(|py| {
+            let guard = ParkOnForcedUnwind;
+            if let Ok(rt) = runtime(py) {
+                let exc = err.map(|e| PyErr::from(e).into_value(py).into_bound(py).into_any());
+                rt.log(py, level, message, exc.as_ref());
             }
-            Err(err) => {
-                s.failures.fetch_add(1, SeqCst);
-                let exc = err.into_value(py).into_bound(py).into_any();
-                rt.log(
-                    py,
-                    "error",
-                    format!("periodic task {:?}: its run could not be queued", s.name),
-                    Some(&exc),
-                );
-            }
-        }
-        guard.disarm();
-    });
+            guard.disarm();
+        });
+    }
 }
 
-/// Counts a run's failure once the run is final.
+/// Queues a built run under its reserved id; needs no GIL.
+fn submit_run(
+    shared: &Arc<Shared>,
+    s: &Schedule,
+    mut run: Prepared,
+    seq: u64,
+    task_id: &str,
+    now: f64,
+) -> Result<()> {
+    run.task.seq = seq;
+    if let Some(row) = run.row.as_mut() {
+        row.task_id = task_id.to_string();
+        row.created_at = now;
+        row.due_at = now;
+        row.status = "pending".to_string();
+    }
+    let job = shared.submit(run.task, run.delay, run.row)?;
+    let mut st = s.state.lock();
+    st.last_run_at = Some(now);
+    st.last_result_id = Some(job.id());
+    st.last_job = Some(job);
+    st.runs += 1;
+    Ok(())
+}
+
+/// Called as each run ends: counts a failure, and builds the next run ahead
+/// while this worker holds the GIL anyway.
 #[pyclass(frozen, module = "catzilla._catzilla")]
 pub struct RunEnded {
-    schedule: Arc<Schedule>,
+    schedule: Weak<Schedule>,
+    shared: Weak<Shared>,
 }
 
 #[pymethods]
 impl RunEnded {
     fn __call__(&self, handle: &Bound<'_, TaskResult>) {
+        let Some(s) = self.schedule.upgrade() else {
+            return;
+        };
         if handle.get().state.status() == Status::Failed {
-            self.schedule.failures.fetch_add(1, SeqCst);
+            s.failures.fetch_add(1, SeqCst);
+        }
+        if let Some(shared) = self.shared.upgrade() {
+            let ready = {
+                let st = s.state.lock();
+                st.cancelled || st.next_run.is_some()
+            };
+            if !ready {
+                if let Ok(next) = build_run(handle.py(), &shared, &s) {
+                    let mut st = s.state.lock();
+                    if !st.cancelled && st.next_run.is_none() {
+                        st.next_run = Some(next);
+                    }
+                }
+            }
         }
     }
+}
+
+/// Builds one run of `s` with `add_task`'s rules, its end watched by `RunEnded`.
+fn build_run(py: Python<'_>, shared: &Arc<Shared>, s: &Arc<Schedule>) -> PyResult<Prepared> {
+    let mut run = prepare(
+        py,
+        shared,
+        s.func.bind(py),
+        s.args.bind(py),
+        s.kwargs.as_ref().map(|k| k.bind(py)),
+        TaskOptions {
+            priority: s.priority.as_ref().map(|v| v.bind(py)),
+            delay_ms: None,
+            max_retries: s.max_retries.as_ref().map(|v| v.bind(py)),
+            timeout_ms: s.timeout_ms.as_ref().map(|v| v.bind(py)),
+            seq: Some(0),
+        },
+    )?;
+    let watch = Bound::new(
+        py,
+        RunEnded {
+            schedule: Arc::downgrade(s),
+            shared: Arc::downgrade(shared),
+        },
+    )?;
+    run.task.callbacks.push(watch.into_any().unbind());
+    run.delay = std::time::Duration::ZERO;
+    run.task.delayed = false;
+    Ok(run)
 }
 
 /// A recurring task; see the stub for the contract.
@@ -570,6 +644,7 @@ impl PeriodicTask {
             st.cancelled = true;
             st.due = None;
             st.fire_at = None;
+            st.next_run = None;
             was
         };
         if let Some(p) = self.periodics.upgrade() {

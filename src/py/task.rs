@@ -243,6 +243,8 @@ pub struct NewTask {
     pub delayed: bool,
     pub footprint: u64,
     pub call: Call,
+    /// Callbacks attached from the start (a periodic run's bookkeeping).
+    pub callbacks: Vec<Py<PyAny>>,
 }
 
 impl TaskState {
@@ -268,7 +270,7 @@ impl TaskState {
                 func: None,
                 outcome: Outcome::Pending,
                 errors: Vec::new(),
-                callbacks: Vec::new(),
+                callbacks: t.callbacks,
                 progress: 0.0,
                 step: None,
                 finished_ns: None,
