@@ -162,3 +162,61 @@ impl Request {
         format!("<Request {} {}>", self.method, self.uri)
     }
 }
+
+/// The first transfer coding other than a single, final `chunked`, if any:
+/// catzilla decodes only chunked bodies, so anything else is refused.
+pub fn unsupported_transfer_coding(headers: &http::HeaderMap) -> Option<String> {
+    let mut codings = Vec::new();
+    for value in headers.get_all(http::header::TRANSFER_ENCODING) {
+        let Ok(text) = value.to_str() else {
+            return Some(String::from_utf8_lossy(value.as_bytes()).into_owned());
+        };
+        codings.extend(
+            text.split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .filter(|c| !c.is_empty()),
+        );
+    }
+    match codings.as_slice() {
+        [] => None,
+        [only] if only == "chunked" => None,
+        _ => codings
+            .iter()
+            .find(|c| *c != "chunked")
+            .cloned()
+            .or_else(|| Some("chunked, chunked".to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codings(values: &[&str]) -> Option<String> {
+        let mut headers = http::HeaderMap::new();
+        for v in values {
+            headers.append(
+                http::header::TRANSFER_ENCODING,
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        unsupported_transfer_coding(&headers)
+    }
+
+    #[test]
+    fn only_a_single_chunked_coding_is_accepted() {
+        assert_eq!(codings(&[]), None);
+        assert_eq!(codings(&["chunked"]), None);
+        assert_eq!(codings(&[" Chunked "]), None);
+        assert_eq!(codings(&["gzip, chunked"]).as_deref(), Some("gzip"));
+        assert_eq!(codings(&["bogus", "chunked"]).as_deref(), Some("bogus"));
+        assert_eq!(
+            codings(&["chunked, chunked"]).as_deref(),
+            Some("chunked, chunked")
+        );
+        assert_eq!(
+            codings(&["chunked", "chunked"]).as_deref(),
+            Some("chunked, chunked")
+        );
+    }
+}

@@ -170,7 +170,7 @@ impl Server {
 
     /// Binds the listening socket; returns the (host, port) bound.
     fn bind(&self, host: &str, port: u16) -> PyResult<(String, u16)> {
-        let listener = std::net::TcpListener::bind((host, port)).map_err(|e| {
+        let listener = listen_on(host, port).map_err(|e| {
             PyOSError::new_err((
                 e.raw_os_error().unwrap_or(0),
                 format!("cannot listen on {host}:{port}: {e}"),
@@ -351,12 +351,53 @@ async fn accept_loop(
     let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
 }
 
+/// Connections the kernel queues before `accept`.
+/// NOTE: std's `bind` queues 128; a burst of 500 connects then overflowed
+/// it, and the clients over the limit waited a second to retry the SYN.
+const LISTEN_BACKLOG: i32 = 1024;
+
+fn listen_on(host: &str, port: u16) -> std::io::Result<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for addr in (host, port).to_socket_addrs()? {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        match socket
+            .bind(&addr.into())
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(()) => return Ok(socket.into()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
+    }))
+}
+
 async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
     req: http::Request<Incoming>,
 ) -> Result<HttpResponse, Infallible> {
     let (parts, body) = req.into_parts();
+    if let Some(coding) = super::request::unsupported_transfer_coding(&parts.headers) {
+        // The body's framing is unknown: answer, and close the connection.
+        let mut resp = error_response(
+            501,
+            "Not Implemented: only the chunked transfer coding is supported",
+            &[("transfer_coding", &coding)],
+        );
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        return Ok(resp);
+    }
     let (handler, params) = match shared
         .router
         .lookup(parts.method.as_str(), parts.uri.path())
