@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -268,4 +267,3 @@ def test_sigkill_halfway_loses_nothing(tmp_path, jobs):
     after = rows(db)
     assert len(after) == count
     assert set(after.values()) == {"completed"}
-    assert time.time() > 0
