@@ -354,7 +354,11 @@ def test_tiny_memory_pool_evicts_oldest_results(make_engine):
     handles = [e.add_task(lambda i=i: i) for i in range(30)]
     for h in handles:
         h.wait(DEADLINE)
-    s = e.get_stats()
+    # wait() returns once a task is final; its record is kept just after.
+    s = wait_until(
+        lambda: (s := e.get_stats()).retained_results + s.evicted_results == 30 and s,
+        what="every record to be retained or evicted",
+    )
     assert s.evicted_results > 0
     assert s.retained_results < 30
     assert s.retained_results + s.evicted_results == 30

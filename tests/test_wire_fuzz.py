@@ -890,7 +890,7 @@ class Attack:
 
     def open(self) -> None:
         # All at once: the server's accept queue (1024) takes the whole burst.
-        for i in range(ATTACKERS):
+        for _ in range(ATTACKERS):
             s = self.wire.connect()
             a = Attacker(s, time.monotonic())
             self.attackers.append(a)

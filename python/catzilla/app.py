@@ -22,6 +22,7 @@ from .background_tasks import (
     TaskStatus,
     task,
 )
+from .errors import EngineShutdownError
 from .web import make_adapter
 
 P = ParamSpec("P")
@@ -208,7 +209,7 @@ class Catzilla:
     def _engine(self) -> BackgroundTasks:
         tasks = self.tasks
         if tasks is None:
-            raise RuntimeError(
+            raise EngineShutdownError(
                 "background tasks are not enabled; call app.enable_background_tasks() first"
             )
         if tasks.is_forked:

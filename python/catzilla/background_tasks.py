@@ -147,15 +147,25 @@ class TaskFunction(Generic[P, R]):
         return f"<task {self.name}>"
 
 
+#: The longest span the native core holds (a Rust Duration), in milliseconds.
+MAX_MS = 1.8e22
+#: Most retries a task can have (the native core counts them in 32 bits).
+MAX_RETRIES = 2**32 - 1
+#: Most workers an engine can have.
+MAX_WORKERS = 1024
+
+
 def _check_number(name: str, value: float | None, *, integer: bool = False) -> None:
+    """The rules ``add_task`` applies to a count or milliseconds, checked early."""
     if value is None:
         return
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         need = "an int" if integer else "a number"
         raise TypeError(f"{name} must be {need}, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    limit = MAX_RETRIES if integer else MAX_MS
+    if not 0 <= value <= limit:  # also refuses nan
+        raise ValueError(f"{name} must be a finite number from 0 to {limit:g}, got {value!r}")
 
 
 @overload
@@ -391,22 +401,26 @@ _init_runtime(
 )
 
 
-def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+def _positive_int(name: str, value: object, minimum: int = 1, maximum: int = 2**48) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be from {minimum} to {maximum}, got {value}")
     return value
 
 
 def _non_negative(name: str, value: object, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if value != value or value in (float("inf"), float("-inf")) or value < 0:
+    try:
+        number = float(value)
+    except OverflowError:
+        number = float("inf")
+    if number != number or number in (float("inf"), float("-inf")) or number < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if positive and value == 0:
+    if positive and number == 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
-    return float(value)
+    return number
 
 
 def _storage_path(storage: str | None) -> str | None:
@@ -415,7 +429,12 @@ def _storage_path(storage: str | None) -> str | None:
     prefix = "sqlite:///"
     if not isinstance(storage, str) or not storage.startswith(prefix) or storage == prefix:
         raise ValueError(f"storage must look like 'sqlite:///path/to/tasks.db', got {storage!r}")
-    return storage[len(prefix) :]
+    path = storage[len(prefix) :]
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"storage names a path that is not valid text: {path!r}") from None
+    return path
 
 
 _live_engines: weakref.WeakSet[BackgroundTasks] = weakref.WeakSet()
@@ -463,11 +482,11 @@ class BackgroundTasks(Engine):
     ) -> BackgroundTasks:
         if workers is None:
             workers = min(32, (os.cpu_count() or 1) + 4)
-        workers = _positive_int("workers", workers)
-        min_workers = min(_positive_int("min_workers", min_workers), workers)
+        workers = _positive_int("workers", workers, maximum=MAX_WORKERS)
+        min_workers = min(_positive_int("min_workers", min_workers, maximum=MAX_WORKERS), workers)
         if max_workers is None:
             max_workers = max(workers, min(64, workers * 2))
-        max_workers = _positive_int("max_workers", max_workers)
+        max_workers = _positive_int("max_workers", max_workers, maximum=MAX_WORKERS)
         if max_workers < workers:
             raise ValueError(f"max_workers ({max_workers}) must be >= workers ({workers})")
         queue_size = _positive_int("queue_size", queue_size)
@@ -475,6 +494,8 @@ class BackgroundTasks(Engine):
             raise TypeError(f"enable_auto_scaling must be a bool, got {enable_auto_scaling!r}")
         if not isinstance(enable_profiling, bool):
             raise TypeError(f"enable_profiling must be a bool, got {enable_profiling!r}")
+        if not isinstance(storage_strict, bool):
+            raise TypeError(f"storage_strict must be a bool, got {storage_strict!r}")
         exit_timeout = _non_negative("exit_timeout", exit_timeout)
         path = _storage_path(storage)
         self = super().__new__(
@@ -613,8 +634,10 @@ class BackgroundTasks(Engine):
     def list_tasks(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskInfo]:
         """Tasks newest first, optionally only those with ``status``: the
         retained ones, or with storage every stored one."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"limit must be an int >= 0, got {limit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int >= 0, got {limit!r}")
+        if not 0 <= limit <= sys.maxsize:
+            raise ValueError(f"limit must be an int from 0 to {sys.maxsize}, got {limit!r}")
         if status is not None and not isinstance(status, TaskStatus):
             raise TypeError(f"status must be a TaskStatus member or None, got {status!r}")
         if self._store_readable():
@@ -625,6 +648,18 @@ class BackgroundTasks(Engine):
                 if self._store_readable():
                     raise
         return [TaskInfo.from_handle(h) for h in self._list(status, limit)]
+
+    def shutdown(self, wait_for_completion: bool = True, timeout: float = 30.0) -> dict[str, Any]:
+        """Stops intake, lets work finish up to ``timeout`` seconds (with
+        ``wait_for_completion``), cancels and reports the rest. See the docs."""
+        if not isinstance(wait_for_completion, bool):
+            raise TypeError(f"wait_for_completion must be a bool, got {wait_for_completion!r}")
+        return self._shutdown(wait_for_completion, timeout)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Waits until everything handed to the store is committed (at once
+        without storage); returns whether it was within ``timeout`` seconds."""
+        return self._flush(timeout)
 
     def _store_readable(self) -> bool:
         """Storage is configured and has not stopped (then lookups use memory)."""

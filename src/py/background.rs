@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
+use super::args;
 use super::engine::{Counters, Defaults, Retention, Shared};
 use super::errors::{describe, Error, Result};
 use super::runtime::{close_event_loop, runtime};
@@ -41,38 +42,6 @@ pub struct Engine {
     watchdog_thread: Mutex<Option<JoinHandle<()>>>,
     report: Mutex<Option<Py<PyDict>>>,
     stopping: Mutex<()>,
-}
-
-pub(crate) fn parse_ms(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
-    let ms: f64 = if v.is_instance_of::<PyBool>() {
-        return Err(Error::WrongType(
-            name,
-            "a number of milliseconds",
-            describe(v),
-        ));
-    } else {
-        v.extract()
-            .map_err(|_| Error::WrongType(name, "a number of milliseconds", describe(v)))?
-    };
-    if !ms.is_finite() || ms < 0.0 {
-        return Err(Error::BadValue(
-            name,
-            format!("must be a finite number >= 0, got {ms}"),
-        ));
-    }
-    Duration::try_from_secs_f64(ms / 1000.0)
-        .map_err(|_| Error::BadValue(name, format!("is too large: {ms} ms")))
-}
-
-pub(crate) fn parse_count(name: &'static str, v: &Bound<'_, PyAny>) -> Result<u32> {
-    if v.is_instance_of::<PyBool>() {
-        return Err(Error::WrongType(name, "an int", describe(v)));
-    }
-    let n: i64 = v
-        .extract()
-        .map_err(|_| Error::WrongType(name, "an int", describe(v)))?;
-    u32::try_from(n)
-        .map_err(|_| Error::BadValue(name, format!("must be between 0 and {}, got {n}", u32::MAX)))
 }
 
 fn timeout_of(d: Duration) -> Option<Duration> {
@@ -208,9 +177,9 @@ impl Engine {
             })?;
         let defaults = Defaults {
             lane,
-            delay: parse_ms("delay_ms", default_delay_ms)?,
-            max_retries: parse_count("max_retries", default_max_retries)?,
-            timeout: timeout_of(parse_ms("timeout_ms", default_timeout_ms)?),
+            delay: args::millis("delay_ms", default_delay_ms)?,
+            max_retries: args::count("max_retries", default_max_retries)?,
+            timeout: timeout_of(args::millis("timeout_ms", default_timeout_ms)?),
         };
         let sched = Arc::new(
             Scheduler::new(queue_size, secs("starvation_ms", starvation_ms / 1000.0)?)
@@ -403,13 +372,16 @@ impl Engine {
     /// The handle of a task by id, while the engine still retains it.
     fn get_result(&self, task_id: &Bound<'_, PyAny>) -> PyResult<Option<TaskResult>> {
         self.shared.born.check()?;
-        let Ok(id) = task_id.extract::<String>() else {
+        let Ok(text) = task_id.cast::<PyString>() else {
             return Err(Error::WrongType("task_id", "a str", describe(task_id)).into());
+        };
+        let Ok(id) = text.to_str() else {
+            return Ok(None); // not valid text, so no task's id
         };
         self.shared.evict(Instant::now());
         Ok(self
             .shared
-            .lookup(&id)
+            .lookup(id)
             .map(|job| TaskResult::new(job, Arc::downgrade(&self.shared))))
     }
 
@@ -610,14 +582,13 @@ impl Engine {
 
     /// Waits until everything handed to the store is committed; returns
     /// whether it was within `timeout` seconds. True without storage.
-    #[pyo3(signature = (timeout=10.0))]
-    fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+    #[pyo3(name = "_flush", signature = (timeout=None))]
+    fn flush(&self, py: Python<'_>, timeout: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
         self.shared.born.check()?;
+        let timeout = args::seconds("timeout", timeout)?.unwrap_or(Duration::from_secs(10));
         let Some(store) = &self.shared.store else {
             return Ok(true);
         };
-        let timeout =
-            Duration::try_from_secs_f64(timeout.max(0.0)).unwrap_or(Duration::from_secs(3600));
         Ok(py.detach(|| store.flush(timeout)))
     }
 
@@ -683,21 +654,19 @@ impl Engine {
     }
 
     /// Stops the engine; see the stub for the contract. Returns a report.
-    #[pyo3(signature = (wait_for_completion=true, timeout=30.0))]
+    #[pyo3(name = "_shutdown", signature = (wait_for_completion=None, timeout=None))]
     fn shutdown(
         &self,
         py: Python<'_>,
-        wait_for_completion: bool,
-        timeout: f64,
+        wait_for_completion: Option<&Bound<'_, PyAny>>,
+        timeout: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyDict>> {
         self.shared.born.check()?;
-        if !(timeout.is_finite() && timeout >= 0.0) {
-            return Err(Error::BadValue(
-                "timeout",
-                format!("must be a finite number of seconds >= 0, got {timeout}"),
-            )
-            .into());
-        }
+        let wait_for_completion = match wait_for_completion {
+            Some(v) => args::flag("wait_for_completion", v)?,
+            None => true,
+        };
+        let timeout = args::seconds("timeout", timeout)?.unwrap_or(Duration::from_secs(30));
         // One shutdown at a time; later callers get the first one's report.
         let _stopping = loop {
             if let Some(guard) = self.stopping.try_lock() {
@@ -708,7 +677,6 @@ impl Engine {
         if let Some(report) = self.report.lock().as_ref() {
             return Ok(report.clone_ref(py));
         }
-        let timeout = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::MAX);
         let (report, interrupted) = self.stop(py, wait_for_completion, timeout)?;
         *self.report.lock() = Some(report.clone_ref(py));
         match interrupted {
@@ -1005,13 +973,13 @@ pub fn prepare(
             lane = shared.parse_lane(rt, &p)?;
         }
         if let Some(dl) = dl {
-            delay = parse_ms("delay_ms", &dl)?;
+            delay = args::millis("delay_ms", &dl)?;
         }
         if let Some(mr) = mr {
-            retries = parse_count("max_retries", &mr)?;
+            retries = args::count("max_retries", &mr)?;
         }
         if let Some(to) = to {
-            timeout = timeout_of(parse_ms("timeout_ms", &to)?);
+            timeout = timeout_of(args::millis("timeout_ms", &to)?);
         }
         no_retry = nr.map(Bound::unbind);
         func = inner;
@@ -1023,13 +991,13 @@ pub fn prepare(
         lane = shared.parse_lane(rt, p)?;
     }
     if let Some(v) = delay_ms {
-        delay = parse_ms("delay_ms", v)?;
+        delay = args::millis("delay_ms", v)?;
     }
     if let Some(v) = max_retries {
-        retries = parse_count("max_retries", v)?;
+        retries = args::count("max_retries", v)?;
     }
     if let Some(v) = timeout_ms {
-        timeout = timeout_of(parse_ms("timeout_ms", v)?);
+        timeout = timeout_of(args::millis("timeout_ms", v)?);
     }
     let kw_len = kwargs.map_or(0, |k| k.len()) as u64;
     let footprint = 200 + 8 * args.len() as u64 + if kw_len > 0 { 100 + 48 * kw_len } else { 0 };

@@ -1,5 +1,6 @@
 //! The PyO3 layer: adapts the pure core in `tasks` to Python.
 
+pub mod args;
 pub mod background;
 pub mod engine;
 pub mod errors;

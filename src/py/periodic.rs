@@ -236,10 +236,10 @@ pub fn add(py: Python<'_>, shared: &Arc<Shared>, new: NewSchedule<'_>) -> Result
         shared.parse_lane(rt, p)?;
     }
     if let Some(v) = &new.max_retries {
-        super::background::parse_count("max_retries", v)?;
+        super::args::count("max_retries", v)?;
     }
     if let Some(v) = &new.timeout_ms {
-        super::background::parse_ms("timeout_ms", v)?;
+        super::args::millis("timeout_ms", v)?;
     }
     let periodics = periodics_of(shared)?;
     if periodics

@@ -5,7 +5,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
@@ -538,16 +537,23 @@ impl TaskResult {
 
     /// Reports progress: `percent` from 0 to 100 and an optional step name.
     #[pyo3(signature = (percent, step=None))]
-    fn set_progress(&self, percent: &Bound<'_, PyAny>, step: Option<String>) -> PyResult<()> {
+    fn set_progress(
+        &self,
+        percent: &Bound<'_, PyAny>,
+        step: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
         self.born.check()?;
-        if percent.is_instance_of::<pyo3::types::PyBool>() {
-            return Err(
-                Error::WrongType("percent", "a number from 0 to 100", describe(percent)).into(),
-            );
+        let value = super::args::number("percent", percent, "a number from 0 to 100")?;
+        let step = match step.filter(|s| !s.is_none()) {
+            Some(s) => Some(super::args::text("step", s)?),
+            None => None,
+        };
+        if self.state.status().is_final() {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "task {} has finished; its progress can no longer change",
+                self.state.id()
+            )));
         }
-        let value: f64 = percent.extract().map_err(|_| {
-            Error::WrongType("percent", "a number from 0 to 100", describe(percent))
-        })?;
         if !(0.0..=100.0).contains(&value) {
             return Err(Error::BadValue(
                 "percent",
@@ -587,19 +593,10 @@ impl TaskResult {
     /// Blocks until the task finishes and returns its value, or raises its
     /// final exception. Raises `TimeoutError` after `timeout` seconds.
     #[pyo3(signature = (timeout=None))]
-    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+    fn wait(&self, py: Python<'_>, timeout: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
         self.born.check()?;
-        let deadline = match timeout {
-            Some(t) if !(t >= 0.0 && t.is_finite()) => {
-                return Err(PyValueError::new_err(format!(
-                    "timeout must be a finite number of seconds >= 0, got {t}"
-                )))
-            }
-            Some(t) => Duration::try_from_secs_f64(t)
-                .ok()
-                .and_then(|d| Instant::now().checked_add(d)),
-            None => None,
-        };
+        let limit = super::args::seconds("timeout", timeout)?;
+        let deadline = limit.and_then(|d| Instant::now().checked_add(d));
         loop {
             if self.state.status().is_final() {
                 return self.state.outcome(py);
@@ -609,7 +606,7 @@ impl TaskResult {
                 return Err(Error::Timeout(format!(
                     "task {} did not finish within {} s",
                     self.state.id(),
-                    timeout.unwrap_or_default()
+                    limit.unwrap_or_default().as_secs_f64()
                 ))
                 .into());
             }

@@ -86,6 +86,18 @@ impl<T> Lanes<T> {
         self.lanes[lane].len()
     }
 
+    /// Gives back the room a burst left in the lanes.
+    pub fn shrink(&mut self) {
+        for lane in &mut self.lanes {
+            lane.shrink_to_fit();
+        }
+    }
+
+    /// Entries the lanes hold room for.
+    pub fn room(&self) -> usize {
+        self.lanes.iter().map(VecDeque::capacity).sum()
+    }
+
     pub fn total(&self) -> usize {
         self.lanes.iter().map(VecDeque::len).sum()
     }

@@ -51,9 +51,14 @@ impl Depths {
     }
 }
 
+/// A backlog at least this deep, once drained, hands its memory back.
+pub const RELEASE_AFTER: usize = 4096;
+
 struct State<T> {
     lanes: Lanes<T>,
     timer: TimerHeap<(usize, T)>,
+    /// The deepest backlog since the queue was last empty.
+    high_water: usize,
     capacity: usize,
     in_flight: usize,
     waiting_workers: usize,
@@ -78,6 +83,7 @@ impl<T> Scheduler<T> {
             state: Mutex::new(State {
                 lanes: Lanes::new(starvation_after),
                 timer: TimerHeap::default(),
+                high_water: 0,
                 capacity,
                 in_flight: 0,
                 waiting_workers: 0,
@@ -126,6 +132,7 @@ impl<T> Scheduler<T> {
 
     fn enqueue(&self, st: &mut State<T>, lane: usize, item: T, delay: Duration) -> bool {
         let now = Instant::now();
+        st.high_water = st.high_water.max(st.lanes.total() + st.timer.len() + 1);
         if delay.is_zero() {
             st.lanes.push(lane, item, now);
             if st.waiting_workers > 0 {
@@ -175,13 +182,22 @@ impl<T> Scheduler<T> {
         Some(item)
     }
 
-    /// Marks in-flight work as finished.
-    pub fn finish(&self, count: usize) {
+    /// Marks in-flight work as finished. Returns true once a backlog of at
+    /// least [`RELEASE_AFTER`] has fully drained (and the lanes gave back
+    /// their room): the moment for the caller to release memory too.
+    pub fn finish(&self, count: usize) -> bool {
         let mut st = self.state.lock();
         st.in_flight = st.in_flight.saturating_sub(count);
         if st.in_flight == 0 && st.lanes.is_empty() {
             self.settled.notify_all();
+            if st.high_water >= RELEASE_AFTER && st.timer.len() < RELEASE_AFTER {
+                st.high_water = st.timer.len();
+                st.lanes.shrink();
+                st.timer.shrink();
+                return true;
+            }
         }
+        false
     }
 
     /// Removes queued work that matches, from its lane or from the timer.
@@ -298,6 +314,27 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::thread;
+
+    #[test]
+    fn a_drained_burst_hands_its_room_back_once() {
+        let s: Scheduler<u32> = Scheduler::new(100_000, Duration::from_secs(5));
+        for i in 0..(RELEASE_AFTER as u32 * 2) {
+            s.submit(2, i, Duration::ZERO).unwrap();
+        }
+        assert!(s.state.lock().lanes.room() >= RELEASE_AFTER * 2);
+        let mut released = 0;
+        while let Some(_item) = s.try_pop() {
+            if s.finish(1) {
+                released += 1;
+            }
+        }
+        assert_eq!(released, 1);
+        assert!(s.state.lock().lanes.room() < 64);
+        // A small backlog afterwards does not trigger it again.
+        s.submit(2, 1, Duration::ZERO).unwrap();
+        assert!(s.try_pop().is_some());
+        assert!(!s.finish(1));
+    }
 
     const IDLE: Duration = Duration::from_millis(20);
 

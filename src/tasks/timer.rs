@@ -98,6 +98,10 @@ impl<T> TimerHeap<T> {
         self.heap.len()
     }
 
+    pub fn shrink(&mut self) {
+        self.heap.shrink_to_fit();
+    }
+
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()
     }
