@@ -43,8 +43,10 @@ NORMAL_LATENCY = 5.0  # bound on a normal request while the server is under atta
 WIRE_DEADLINE = HEADER_READ_TIMEOUT + BODY_READ_TIMEOUT + DEADLINE
 
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
-CLIENT_ERROR = frozenset(range(400, 500))
-NOT_SERVER_ERROR = frozenset(range(100, 500))
+# 501 is the one 5xx a bad request may get: RFC 9112's answer to a transfer
+# coding the server does not implement (anything but a single chunked).
+CLIENT_ERROR = frozenset(range(400, 500)) | {501}
+NOT_SERVER_ERROR = frozenset(range(100, 500)) | {501}
 
 
 # The server
