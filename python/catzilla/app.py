@@ -6,9 +6,8 @@ import re
 import signal
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta
 from types import FrameType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._catzilla import Server
 from .background_tasks import (
@@ -23,7 +22,11 @@ from .background_tasks import (
     task,
 )
 from .errors import EngineShutdownError
+from .periodic import PeriodicOptions
 from .web import make_adapter
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -256,70 +259,16 @@ class Catzilla:
         return decorate(func) if func is not None else decorate
 
     def add_periodic_task(
-        self,
-        func: Callable[..., Any],
-        *args: Any,
-        every: float | timedelta | None = None,
-        cron: str | None = None,
-        timezone: str = "UTC",
-        priority: TaskPriority | None = None,
-        max_retries: int | None = None,
-        timeout_ms: float | None = None,
-        start_at: datetime | float | None = None,
-        jitter_ms: float = 0,
-        overlap: bool = False,
-        missed: str = "run_once",
-        name: str | None = None,
-        **kwargs: Any,
+        self, func: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> PeriodicTask:
-        """Runs ``func`` on a schedule; see ``BackgroundTasks.add_periodic_task``."""
-        return self._engine().add_periodic_task(
-            func,
-            *args,
-            every=every,
-            cron=cron,
-            timezone=timezone,
-            priority=priority,
-            max_retries=max_retries,
-            timeout_ms=timeout_ms,
-            start_at=start_at,
-            jitter_ms=jitter_ms,
-            overlap=overlap,
-            missed=missed,
-            name=name,
-            **kwargs,
-        )
+        """Runs ``func(*args, **kwargs)`` on a schedule (``every=`` or ``cron=``,
+        and the other options of ``BackgroundTasks.add_periodic_task``)."""
+        return self._engine().add_periodic_task(func, *args, **kwargs)
 
-    def periodic(
-        self,
-        *,
-        every: float | timedelta | None = None,
-        cron: str | None = None,
-        timezone: str = "UTC",
-        priority: TaskPriority | None = None,
-        max_retries: int | None = None,
-        timeout_ms: float | None = None,
-        start_at: datetime | float | None = None,
-        jitter_ms: float = 0,
-        overlap: bool = False,
-        missed: str = "run_once",
-        name: str | None = None,
-    ) -> Callable[[F], F]:
+    def periodic(self, **options: Unpack[PeriodicOptions]) -> Callable[[F], F]:
         """``@app.periodic(every=60)`` / ``@app.periodic(cron="0 3 * * *")``: runs
         the decorated function (no arguments) on a schedule."""
-        return self._engine().periodic(
-            every=every,
-            cron=cron,
-            timezone=timezone,
-            priority=priority,
-            max_retries=max_retries,
-            timeout_ms=timeout_ms,
-            start_at=start_at,
-            jitter_ms=jitter_ms,
-            overlap=overlap,
-            missed=missed,
-            name=name,
-        )
+        return self._engine().periodic(**options)
 
     def list_periodic_tasks(self) -> list[PeriodicTask]:
         """The app's periodic tasks not cancelled, in the order they were added."""

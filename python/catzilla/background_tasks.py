@@ -20,7 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 from . import _aio
 from . import periodic as _periodic
@@ -46,6 +49,7 @@ from .errors import (
     TaskQueueFullError,
     TaskTimeoutError,
 )
+from .periodic import PeriodicOptions
 
 __all__ = [
     "BackgroundTasks",
@@ -574,39 +578,12 @@ class BackgroundTasks(Engine):
             name=name,
         )
 
-    def periodic(
-        self,
-        *,
-        every: float | timedelta | None = None,
-        cron: str | None = None,
-        timezone: str = "UTC",
-        priority: TaskPriority | None = None,
-        max_retries: int | None = None,
-        timeout_ms: float | None = None,
-        start_at: datetime | float | None = None,
-        jitter_ms: float = 0,
-        overlap: bool = False,
-        missed: str = "run_once",
-        name: str | None = None,
-    ) -> Callable[[F], F]:
-        """Decorator form of ``add_periodic_task`` (for a function taking no
-        arguments); the function itself is returned unchanged."""
+    def periodic(self, **options: Unpack[PeriodicOptions]) -> Callable[[F], F]:
+        """Decorator form of ``add_periodic_task``, with its options, for a
+        function taking no arguments; the function itself is returned unchanged."""
 
         def register(func: F) -> F:
-            self.add_periodic_task(
-                func,
-                every=every,
-                cron=cron,
-                timezone=timezone,
-                priority=priority,
-                max_retries=max_retries,
-                timeout_ms=timeout_ms,
-                start_at=start_at,
-                jitter_ms=jitter_ms,
-                overlap=overlap,
-                missed=missed,
-                name=name,
-            )
+            self.add_periodic_task(func, **options)
             return func
 
         return register

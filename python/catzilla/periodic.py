@@ -8,11 +8,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from ._catzilla import Engine, PeriodicTask
 
-__all__ = ["MISSED_POLICIES", "PeriodicTask", "add_periodic_task"]
+if TYPE_CHECKING:
+    from .background_tasks import TaskPriority
+
+__all__ = ["MISSED_POLICIES", "PeriodicOptions", "PeriodicTask", "add_periodic_task"]
+
+
+class PeriodicOptions(TypedDict, total=False):
+    """The options of ``add_periodic_task``, for the ``periodic`` decorators."""
+
+    every: float | timedelta | None
+    cron: str | None
+    timezone: str
+    priority: TaskPriority | None
+    max_retries: int | None
+    timeout_ms: float | None
+    start_at: datetime | float | None
+    jitter_ms: float
+    overlap: bool
+    missed: str
+    name: str | None
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 

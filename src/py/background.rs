@@ -301,7 +301,7 @@ impl Engine {
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<TaskResult> {
         self.shared.born.check()?;
-        let job = enqueue(
+        let p = prepare(
             py,
             &self.shared,
             func,
@@ -315,6 +315,7 @@ impl Engine {
                 seq: None,
             },
         )?;
+        let job = self.shared.submit(p.task, p.delay, p.row)?;
         Ok(TaskResult::new(job, Arc::downgrade(&self.shared)))
     }
 
@@ -927,19 +928,6 @@ pub struct Prepared {
     pub task: NewTask,
     pub delay: Duration,
     pub row: Option<Row>,
-}
-
-/// Queues `func(*args, **kwargs)` with `add_task`'s rules.
-pub fn enqueue(
-    py: Python<'_>,
-    shared: &Arc<Shared>,
-    func: &Bound<'_, PyAny>,
-    args: &Bound<'_, PyTuple>,
-    kwargs: Option<&Bound<'_, PyDict>>,
-    options: TaskOptions<'_, '_>,
-) -> PyResult<Job> {
-    let p = prepare(py, shared, func, args, kwargs, options)?;
-    Ok(shared.submit(p.task, p.delay, p.row)?)
 }
 
 /// Checks and builds a task with `add_task`'s rules (defaults, `@task`
