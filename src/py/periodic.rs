@@ -53,9 +53,9 @@ struct State {
     skipped: u64,
     paused: bool,
     cancelled: bool,
-    /// The next run, built ahead under the GIL, so that a firing can queue
-    /// it without waiting for the GIL.
-    next_run: Option<Prepared>,
+    /// The next runs, built ahead under the GIL, so that a firing can queue
+    /// one without waiting for the GIL.
+    ahead: Vec<Prepared>,
 }
 
 /// The schedules of one engine and the thread that fires them.
@@ -121,7 +121,7 @@ impl Periodics {
                 if let Some(job) = &st.last_job {
                     job.traverse(visit)?;
                 }
-                if let Some(run) = &st.next_run {
+                for run in &st.ahead {
                     let call = &run.task.call;
                     visit.call(&call.func)?;
                     visit.call(&call.args)?;
@@ -140,8 +140,8 @@ impl Periodics {
         let gone = std::mem::take(&mut *self.schedules.lock());
         for s in gone.values() {
             self.ticker.disarm(s.id);
-            let run = s.state.lock().next_run.take();
-            drop(run);
+            let runs = std::mem::take(&mut s.state.lock().ahead);
+            drop(runs);
         }
         drop(gone);
     }
@@ -294,10 +294,11 @@ pub fn add(py: Python<'_>, shared: &Arc<Shared>, new: NewSchedule<'_>) -> Result
         .schedules
         .lock()
         .insert(schedule.id, schedule.clone());
-    let first = build_run(py, shared, &schedule)?;
+    // Building one now also checks what every run will need (strict storage).
+    build_run(py, shared, &schedule)?;
+    refill(py, shared, &schedule);
     {
         let mut st = schedule.state.lock();
-        st.next_run = Some(first);
         periodics.arm(&schedule, &mut st);
     }
     Ok(PeriodicTask {
@@ -397,7 +398,7 @@ fn fire(shared: &Arc<Shared>, periodics: &Periodics, id: u64) {
     // NOTE: the fast path queues the run built ahead without the GIL: under
     // GIL contention, each wait for it costs a switch interval (5 ms) or more,
     // and a firing that waited would fall behind its schedule.
-    let ready = s.state.lock().next_run.take();
+    let ready = s.state.lock().ahead.pop();
     let queued = match ready {
         Some(run) => submit_run(shared, &s, run, seq, &task_id, now),
         None => Python::attach(|py| {
@@ -405,13 +406,7 @@ fn fire(shared: &Arc<Shared>, periodics: &Periodics, id: u64) {
             let queued = build_run(py, shared, &s)
                 .map_err(Error::Python)
                 .and_then(|run| submit_run(shared, &s, run, seq, &task_id, now));
-            // Holding the GIL now anyway: build the next run too.
-            if let Ok(next) = build_run(py, shared, &s) {
-                let mut st = s.state.lock();
-                if !st.cancelled && st.next_run.is_none() {
-                    st.next_run = Some(next);
-                }
-            }
+            refill(py, shared, &s); // holding the GIL now anyway
             guard.disarm();
             queued
         }),
@@ -490,19 +485,32 @@ impl RunEnded {
             s.failures.fetch_add(1, SeqCst);
         }
         if let Some(shared) = self.shared.upgrade() {
-            let ready = {
-                let st = s.state.lock();
-                st.cancelled || st.next_run.is_some()
-            };
-            if !ready {
-                if let Ok(next) = build_run(handle.py(), &shared, &s) {
-                    let mut st = s.state.lock();
-                    if !st.cancelled && st.next_run.is_none() {
-                        st.next_run = Some(next);
-                    }
-                }
+            refill(handle.py(), &shared, &s);
+        }
+    }
+}
+
+/// Runs kept built ahead per schedule: enough for firings to keep their
+/// times while workers wait for the GIL (runs may overlap with overlap=True).
+const AHEAD: usize = 4;
+
+/// Tops up the runs built ahead, while the caller holds the GIL anyway.
+fn refill(py: Python<'_>, shared: &Arc<Shared>, s: &Arc<Schedule>) {
+    loop {
+        {
+            let st = s.state.lock();
+            if st.cancelled || st.ahead.len() >= AHEAD {
+                return;
             }
         }
+        let Ok(run) = build_run(py, shared, s) else {
+            return;
+        };
+        let mut st = s.state.lock();
+        if st.cancelled || st.ahead.len() >= AHEAD {
+            return;
+        }
+        st.ahead.push(run);
     }
 }
 
@@ -644,7 +652,7 @@ impl PeriodicTask {
             st.cancelled = true;
             st.due = None;
             st.fire_at = None;
-            st.next_run = None;
+            st.ahead.clear();
             was
         };
         if let Some(p) = self.periodics.upgrade() {
