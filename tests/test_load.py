@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import http.client
 import json
 import subprocess
@@ -19,20 +18,20 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from catzilla.background_tasks import BackgroundTasks
-from conftest import Blocker, ServerProcess, wait_until
+from conftest import ServerProcess, wait_until
 
 BENCHES = Path(__file__).resolve().parent.parent / "benches"
 SOAK_APP = BENCHES / "soak_app.py"
 
-BURST_TASKS = 200_000  # benches/burst.py runs the full 1,000,000
-BURST_WORKERS = 2
+BURST_TASKS = 200_000  # benches/burst.py runs the full 1,000,000 by default
+BURST_WORKERS = 2  # as in benches/burst.py
 PER_TASK_LIMIT = 1024  # bytes of RSS per queued task, beyond its arguments
 FALL_BACK_RATIO = 0.5  # RSS after the drain: within this share of the enqueue delta
 
@@ -43,14 +42,6 @@ SOAK_SECONDS = 60
 
 HTTP_CONNECTIONS = 256
 HTTP_SECONDS = 10.0
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 class RunCounter:
@@ -65,154 +56,42 @@ class RunCounter:
             self.value += 1
 
 
-def hold_workers(engine: BackgroundTasks, workers: int, limit: float = 120) -> list[Blocker]:
-    """Occupies every worker with a Blocker and waits until each has started."""
-    blockers = [Blocker(limit) for _ in range(workers)]
-    for b in blockers:
-        engine.add_task(b, timeout_ms=0)
-    for b in blockers:
-        b.wait_started(30)
-    return blockers
-
-
-# Task burst
-
-
-@dataclass
-class Burst:
-    n: int
-    before: int
-    queued: int
-    peak: int
-    after: int
-    per_index: bytearray
-    runs: int
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def per_task(self) -> float:
-        return (self.queued - self.before) / self.n
-
-    @property
-    def retained_share(self) -> float:
-        return (self.after - self.before) / (self.queued - self.before)
-
-    def report(self) -> str:
-        mb = 2**20
-        return (
-            f"burst of {self.n} no-op tasks: {self.per_task:.0f} bytes per queued task;"
-            f" RSS before {self.before / mb:.1f} MB, queued {self.queued / mb:.1f} MB,"
-            f" peak {self.peak / mb:.1f} MB, after the drain {self.after / mb:.1f} MB"
-            f" ({self.retained_share:.0%} of the enqueue delta still held)"
-        )
-
-
 @pytest.fixture(scope="module")
-def burst() -> Iterator[Burst]:
-    """Queues BURST_TASKS no-op tasks behind held workers (handles dropped),
-    measuring RSS around it, then lets them run and waits until they all have
-    and the finished records have aged out of retention."""
-    n = BURST_TASKS
-    per_index = bytearray(n)
-    runs = RunCounter()
-
-    def noop(i: int) -> None:
-        per_index[i] += 1
-        runs.add()
-
-    indexes = list(range(n))  # the arguments exist before the first measurement
-    engine = BackgroundTasks(
-        workers=BURST_WORKERS,
-        min_workers=BURST_WORKERS,
-        max_workers=BURST_WORKERS,
-        enable_auto_scaling=False,
-        queue_size=n + 16,
-        result_ttl=1.0,
-        memory_pool_mb=1,
-        exit_timeout=5,
+def burst() -> dict[str, Any]:
+    """``benches/burst.py`` at CI scale, in a process of its own so that its RSS
+    readings are the burst's alone: BURST_TASKS no-op tasks queued behind held
+    workers (handles dropped), then run, then aged out of retention."""
+    out = subprocess.run(
+        [sys.executable, str(BENCHES / "burst.py"), "--tasks", str(BURST_TASKS), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    blockers: list[Blocker] = []
-    try:
-        blockers = hold_workers(engine, BURST_WORKERS)
-        gc.collect()
-        before = rss_bytes()
-        add = engine.add_task
-        for i in indexes:
-            add(noop, i)  # the handle is dropped, as a user firing tasks does
-        gc.collect()
-        queued = rss_bytes()
-        assert engine.get_stats().total_queued == n
-        peak = queued
-
-        for b in blockers:
-            b.release()
-
-        def all_ran() -> bool:
-            nonlocal peak
-            peak = max(peak, rss_bytes())
-            return runs.value >= n
-
-        wait_until(all_ran, timeout=120, interval=0.01, what=f"{n} tasks to run")
-        wait_until(lambda: engine.get_stats().running_tasks == 0, what="the blockers to end")
-        wait_until(
-            lambda: engine.get_stats().retained_results == 0,
-            timeout=60,
-            what="retention to evict every finished record",
-        )
-        gc.collect()
-        bound = before + FALL_BACK_RATIO * (queued - before)
-        with contextlib.suppress(pytest.fail.Exception):  # a lazy release gets 5 s
-            wait_until(lambda: rss_bytes() <= bound, timeout=5, interval=0.1)
-        s = engine.get_stats()
-        result = Burst(
-            n=n,
-            before=before,
-            queued=queued,
-            peak=peak,
-            after=rss_bytes(),
-            per_index=per_index,
-            runs=runs.value,
-            stats={
-                "submitted": s.total_tasks_submitted,
-                "processed": s.total_tasks_processed,
-                "failed": s.failed_tasks,
-                "running": s.running_tasks,
-                "queued": s.total_queued,
-            },
-        )
-        yield result
-    finally:
-        for b in blockers:
-            b.release()
-        engine.shutdown(wait_for_completion=False, timeout=5)
+    assert out.returncode in (0, 1), out.stdout + out.stderr  # 1: a check failed
+    result: dict[str, Any] = json.loads(out.stdout)
+    print(f"\nburst: {json.dumps(result)}")
+    return result
 
 
 @pytest.mark.slow
-def test_burst_memory_per_queued_task_is_under_1_kib(burst: Burst):
-    print(f"\n{burst.report()}")
-    assert burst.per_task < PER_TASK_LIMIT, burst.report()
+def test_burst_memory_per_queued_task_is_under_1_kib(burst: dict[str, Any]):
+    assert burst["tasks"] == BURST_TASKS
+    assert burst["bytes_per_queued_task"] < PER_TASK_LIMIT, burst
 
 
 @pytest.mark.slow
-def test_burst_runs_every_task_exactly_once(burst: Burst):
-    missing = burst.per_index.count(0)
-    duplicated = burst.n - missing - burst.per_index.count(1)
-    assert (missing, duplicated) == (0, 0)
-    assert burst.runs == burst.n
-    total = burst.n + BURST_WORKERS  # and the blockers
-    assert burst.stats == {
-        "submitted": total,
-        "processed": total,
-        "failed": 0,
-        "running": 0,
-        "queued": 0,
-    }
+def test_burst_runs_every_task_exactly_once(burst: dict[str, Any]):
+    assert (burst["missing"], burst["duplicated"]) == (0, 0)
+    assert burst["runs"] == BURST_TASKS
+    total = BURST_TASKS + BURST_WORKERS  # and the tasks that held the workers
+    stats = burst["stats"]
+    assert (stats["total_tasks_submitted"], stats["total_tasks_processed"]) == (total, total)
+    assert stats["failed_tasks"] == 0
 
 
 @pytest.mark.slow
-def test_burst_rss_falls_back_after_the_drain(burst: Burst):
-    print(f"\n{burst.report()}")
-    assert burst.retained_share <= FALL_BACK_RATIO, burst.report()
+def test_burst_rss_falls_back_after_the_drain(burst: dict[str, Any]):
+    assert burst["retained_after_drain"] <= FALL_BACK_RATIO, burst["rss_mb"]
 
 
 # Concurrent producers
