@@ -182,15 +182,14 @@ class Outcome:
     elapsed: float
 
 
-def read_reply(sock: socket.socket, started: float, deadline: float = WIRE_DEADLINE) -> Outcome:
-    """Reads until a whole response head arrived or the server closed the
-    connection; fails the test if neither happens within ``deadline``."""
+def receive(sock: socket.socket, end: float, enough: Callable[[bytes], bool], stuck: str) -> bytes:
+    """Reads until ``enough(got)`` or the server closes the connection; fails
+    the test with ``stuck`` if neither happens by ``end`` (monotonic)."""
     got = b""
-    end = started + deadline
-    while b"\r\n\r\n" not in got:
+    while not enough(got):
         left = end - time.monotonic()
         if left <= 0:
-            pytest.fail(f"no answer and no close within {deadline} s; got {got[:200]!r}")
+            pytest.fail(f"{stuck}; got {got[:300]!r}")
         sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
@@ -201,6 +200,18 @@ def read_reply(sock: socket.socket, started: float, deadline: float = WIRE_DEADL
         if not chunk:
             break
         got += chunk
+    return got
+
+
+def read_reply(sock: socket.socket, started: float, deadline: float = WIRE_DEADLINE) -> Outcome:
+    """Reads until a whole response head arrived or the server closed the
+    connection; fails the test if neither happens within ``deadline``."""
+    got = receive(
+        sock,
+        started + deadline,
+        lambda g: b"\r\n\r\n" in g,
+        f"no answer and no close within {deadline} s",
+    )
     elapsed = time.monotonic() - started
     if not got:
         return Outcome(None, b"", elapsed)
@@ -219,22 +230,9 @@ class Response:
 def read_to_close(sock: socket.socket, deadline: float = WIRE_DEADLINE) -> list[Response]:
     """Reads until the server closes the connection; returns the responses
     in what it sent (a last one may be cut short by a reset)."""
-    got = b""
-    end = time.monotonic() + deadline
-    while True:
-        left = end - time.monotonic()
-        if left <= 0:
-            pytest.fail(f"the server kept the connection open; got {got[:300]!r}")
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        got += chunk
+    got = receive(
+        sock, time.monotonic() + deadline, lambda g: False, "the server kept the connection open"
+    )
     responses = []
     while got:
         m = STATUS_LINE.match(got)
