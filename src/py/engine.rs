@@ -226,8 +226,10 @@ impl Shared {
         if let Some(name) = profiled {
             self.record_profile(name, started.elapsed(), result.is_err());
         }
-        let returned_itself = matches!(&result, Ok(value)
-            if value.cast::<TaskResult>().is_ok_and(|h| Arc::ptr_eq(&h.get().state, &job)));
+        let awaitable = matches!(&result, Ok(value) if is_awaitable(value));
+        let returned_itself = awaitable
+            && matches!(&result, Ok(value)
+                if value.cast::<TaskResult>().is_ok_and(|h| Arc::ptr_eq(&h.get().state, &job)));
         match result {
             Ok(_) if returned_itself => {
                 // Awaiting it would wait for itself until its timeout, and again on each retry.
@@ -239,7 +241,7 @@ impl Shared {
                 let exc = exc.into_value(py).into_any();
                 self.complete(py, job, Status::Failed, Outcome::Error(exc), true);
             }
-            Ok(value) if is_awaitable(&value) => self.start_async(py, rt, job, value, attempt),
+            Ok(value) if awaitable => self.start_async(py, rt, job, value, attempt),
             Ok(value) => {
                 record_micros(&mut slot.histogram.lock(), started.elapsed());
                 self.complete(

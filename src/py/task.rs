@@ -424,6 +424,15 @@ pub struct TaskResult {
 }
 
 impl TaskResult {
+    /// The handle of a task of a live engine.
+    pub fn of(state: Job, shared: &Arc<Shared>) -> Self {
+        Self {
+            state,
+            shared: Arc::downgrade(shared),
+            born: shared.born,
+        }
+    }
+
     pub fn new(state: Job, shared: Weak<Shared>) -> Self {
         let born = shared.upgrade().map_or_else(Born::here, |s| s.born);
         Self {
