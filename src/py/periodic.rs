@@ -352,18 +352,13 @@ fn periodics_of(shared: &Arc<Shared>) -> Result<Arc<Periodics>> {
     Ok(periodics)
 }
 
-enum Decision {
-    Run(f64),
-    Skip,
-}
-
 /// One firing of schedule `id`: arm the next, then queue this run if it should go.
 fn fire(shared: &Arc<Shared>, periodics: &Periodics, id: u64) {
     let Some(s) = periodics.schedules.lock().get(&id).cloned() else {
         return;
     };
     let now = epoch_now();
-    let decision = {
+    let due = {
         let mut st = s.state.lock();
         let Some(due) = st.due.filter(|_| !st.cancelled) else {
             return;
@@ -374,16 +369,13 @@ fn fire(shared: &Arc<Shared>, periodics: &Periodics, id: u64) {
         periodics.arm(&s, &mut st);
         let running = st.last_job.as_ref().is_some_and(|j| !j.status().is_final());
         if st.paused {
-            None
-        } else if running && !s.overlap {
-            st.skipped += 1;
-            Some(Decision::Skip)
-        } else {
-            Some(Decision::Run(due))
+            return;
         }
-    };
-    let Some(Decision::Run(due)) = decision else {
-        return;
+        if running && !s.overlap {
+            st.skipped += 1;
+            return;
+        }
+        due
     };
     let seq = shared.next_seq.fetch_add(1, SeqCst);
     let task_id = format_id(shared.prefix, seq);
