@@ -1,5 +1,5 @@
 # Developer tasks; CI runs .ci/run.
-.PHONY: build-dev build-release format lint test bench
+.PHONY: build-dev build-release format lint test bench reliability
 
 build-dev:
 	maturin develop
@@ -24,3 +24,9 @@ test:
 
 bench: build-release
 	python benches/bench_tasks.py
+
+# The full-scale load runs (CI runs them reduced, inside the tests).
+reliability: build-release
+	python benches/burst.py --tasks 1000000
+	python benches/soak.py --duration 600
+	python benches/http_load.py
