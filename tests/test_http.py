@@ -826,6 +826,56 @@ def _serve_in_thread(app: Catzilla) -> tuple[threading.Thread, Client]:
     return t, client
 
 
+def test_connections_over_the_cap_get_503_and_the_server_recovers():
+    app = Catzilla(max_connections=5)
+
+    @app.get("/ping")
+    def ping() -> dict:
+        return {"pong": True}
+
+    t, client = _serve_in_thread(app)
+    held: list[http.client.HTTPConnection] = []
+    try:
+        # Five keep-alive connections, each answered 200 once, hold every slot
+        # (until the server has seen the earlier ones close, some get 503).
+        def five_held() -> bool:
+            for c in held:
+                c.close()
+            held.clear()
+            for _ in range(5):
+                c = client.connection()
+                held.append(c)
+                if client.get("/ping", conn=c).status != 200:
+                    return False
+            return True
+
+        wait_until(five_held, what="five connections to hold every slot")
+        reply = client.get("/ping")
+        assert reply.status == 503
+        assert reply.header("retry-after") == "1" and reply.header("connection") == "close"
+        assert "too many open connections" in reply.json()["error"]
+        for c in held:
+            c.close()
+        held.clear()
+        # Slots come back as connections close.
+        ok = wait_until(
+            lambda: (r := client.get("/ping")).status == 200 and r, what="a free slot again"
+        )
+        assert ok.json() == {"pong": True}
+    finally:
+        for c in held:
+            c.close()
+        app.stop()
+        t.join(DEADLINE)
+    assert not t.is_alive()
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5])
+def test_max_connections_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="max_connections must be an int >= 1"):
+        Catzilla(max_connections=bad)
+
+
 def test_handler_panic_answers_500_and_the_thread_survives(caplog):
     from catzilla._catzilla import _panic_probe
 

@@ -401,6 +401,7 @@ class Server:
         header_read_timeout: float,
         body_read_timeout: float,
         max_pending_requests: int,
+        max_connections: int,
     ) -> Self: ...
     def bind(self, host: str, port: int) -> tuple[str, int]:
         """Binds the socket; raises ``OSError`` (e.g. the port is in use)."""

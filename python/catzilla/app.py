@@ -48,7 +48,8 @@ class Catzilla:
     how long in-flight requests may take to finish at shutdown, and
     ``body_read_timeout`` how long a request body may take to arrive (then
     408), and ``max_pending_requests`` how many requests may wait for a handler thread
-    before new ones are answered 503 with ``Retry-After``. Other keyword
+    before new ones are answered 503 with ``Retry-After``, and ``max_connections``
+    how many connections are served at once (one more gets 503 and is closed). Other keyword
     arguments of the original Catzilla (``production``, ...) are accepted and
     ignored, so existing code keeps working.
     """
@@ -63,6 +64,7 @@ class Catzilla:
         shutdown_grace: float = 10.0,
         max_pending_requests: int = 4096,
         body_read_timeout: float = 30.0,
+        max_connections: int = 10_000,
         **_compat: Any,
     ) -> None:
         for name, value in (
@@ -70,6 +72,7 @@ class Catzilla:
             ("handler_threads", handler_threads),
             ("io_threads", io_threads),
             ("max_pending_requests", max_pending_requests),
+            ("max_connections", max_connections),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -81,6 +84,7 @@ class Catzilla:
         self.header_read_timeout = float(header_read_timeout)
         self.shutdown_grace = float(shutdown_grace)
         self.max_pending_requests = max_pending_requests
+        self.max_connections = max_connections
         self.body_read_timeout = float(body_read_timeout)
         self.routes: list[tuple[str, str, Callable[..., Any]]] = []
         self._adapters: list[tuple[str, str, Callable[..., Any]]] = []
@@ -153,6 +157,7 @@ class Catzilla:
             header_read_timeout=self.header_read_timeout,
             body_read_timeout=self.body_read_timeout,
             max_pending_requests=self.max_pending_requests,
+            max_connections=self.max_connections,
         )
         bound_host, bound_port = server.bind(host, port)
         self._server = server

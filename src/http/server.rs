@@ -61,6 +61,8 @@ struct Shared {
     tx: Sender<Msg>,
     rx: Receiver<Msg>,
     max_body: usize,
+    /// Open connections served at once; more get 503 and are closed.
+    max_connections: usize,
     body_timeout: Duration,
     aio: Mutex<Option<Py<PyAny>>>,
     aio_closed: AtomicBool,
@@ -110,7 +112,7 @@ pub struct Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout, body_read_timeout, max_pending_requests))]
+    #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout, body_read_timeout, max_pending_requests, max_connections))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         routes: Vec<(String, String, Py<PyAny>)>,
@@ -120,6 +122,7 @@ impl Server {
         header_read_timeout: f64,
         body_read_timeout: f64,
         max_pending_requests: usize,
+        max_connections: usize,
     ) -> PyResult<Self> {
         if handler_threads == 0 || io_threads == 0 {
             return Err(PyValueError::new_err(
@@ -146,6 +149,12 @@ impl Server {
         if max_pending_requests == 0 {
             return Err(PyValueError::new_err("max_pending_requests must be >= 1"));
         }
+        if max_connections == 0 || max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(PyValueError::new_err(format!(
+                "max_connections must be from 1 to {}, got {max_connections}",
+                tokio::sync::Semaphore::MAX_PERMITS
+            )));
+        }
         let (tx, rx) = crossbeam_channel::bounded(max_pending_requests);
         Ok(Self {
             shared: Arc::new(Shared {
@@ -154,6 +163,7 @@ impl Server {
                 tx,
                 rx,
                 max_body: max_body_size,
+                max_connections,
                 body_timeout,
                 aio: Mutex::new(None),
                 aio_closed: AtomicBool::new(false),
@@ -321,6 +331,10 @@ async fn accept_loop(
     if !header_timeout.is_zero() {
         http.header_read_timeout(header_timeout);
     }
+    // Connections beyond the cap get one 503 and are closed.
+    let open = Arc::new(tokio::sync::Semaphore::new(shared.max_connections));
+    let mut over_cap = http.clone();
+    over_cap.keep_alive(false);
     let grace = loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -334,11 +348,20 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let Ok(permit) = open.clone().try_acquire_owned() else {
+                    let busy = service_fn(|_req| async { Ok::<_, Infallible>(too_many_connections()) });
+                    let conn = graceful.watch(over_cap.serve_connection(TokioIo::new(stream), busy));
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    continue;
+                };
                 let shared = shared.clone();
                 let service = service_fn(move |req| handle(shared.clone(), peer, req));
                 let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {
                     let _ = conn.await;
+                    drop(permit);
                 });
             }
             changed = shutdown.changed() => {
@@ -478,6 +501,20 @@ async fn handle(
     Ok(answer
         .await
         .unwrap_or_else(|_| error_response(500, "Internal Server Error", &[])))
+}
+
+fn too_many_connections() -> HttpResponse {
+    let mut resp = error_response(503, "Service Unavailable: too many open connections", &[]);
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 fn too_large(limit: usize) -> HttpResponse {
