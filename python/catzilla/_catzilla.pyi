@@ -269,7 +269,7 @@ class Engine:
         """Runs a stored task again under its own id."""
     def _store_fail(self, task_id: str, error_json: str) -> None:
         """Marks a stored task failed for good."""
-    def _flush(self, timeout: float | None = None) -> bool:
+    def _flush(self, timeout: float) -> bool:
         """Waits until everything handed to the store is committed (True
         without storage); returns whether it was within ``timeout`` seconds."""
     @property
@@ -286,9 +286,7 @@ class Engine:
         """True in a child process made by ``os.fork()`` after this engine started; the
         engine's threads stayed in the parent and every call raises
         ``EngineShutdownError``."""
-    def _shutdown(
-        self, wait_for_completion: bool | None = None, timeout: float | None = None
-    ) -> dict[str, Any]:
+    def _shutdown(self, wait_for_completion: bool, timeout: float) -> dict[str, Any]:
         """Stops intake, lets work finish up to ``timeout`` seconds (when
         ``wait_for_completion``), cancels and reports what never ran, and
         stops the workers. Returns ``{"drained", "cancelled", "still_running"}``."""

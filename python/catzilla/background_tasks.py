@@ -629,8 +629,6 @@ class BackgroundTasks(Engine):
     def shutdown(self, wait_for_completion: bool = True, timeout: float = 30.0) -> dict[str, Any]:
         """Stops intake, lets work finish up to ``timeout`` seconds (with
         ``wait_for_completion``), cancels and reports the rest. See the docs."""
-        if not isinstance(wait_for_completion, bool):
-            raise TypeError(f"wait_for_completion must be a bool, got {wait_for_completion!r}")
         return self._shutdown(wait_for_completion, timeout)
 
     def flush(self, timeout: float = 10.0) -> bool:

@@ -37,12 +37,20 @@ pub fn millis(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
         .map_err(|_| Error::BadValue(name, format!("is too large: {ms} ms")))
 }
 
-/// Seconds: a finite number >= 0 (None stays None: no limit). More than a
-/// `Duration` holds (some 10^19 s) is as good as no limit: `Duration::MAX`.
-pub fn seconds(name: &'static str, v: Option<&Bound<'_, PyAny>>) -> Result<Option<Duration>> {
-    let Some(v) = v.filter(|v| !v.is_none()) else {
-        return Ok(None);
-    };
+/// Seconds, or None for no limit.
+pub fn seconds_or_none(
+    name: &'static str,
+    v: Option<&Bound<'_, PyAny>>,
+) -> Result<Option<Duration>> {
+    match v.filter(|v| !v.is_none()) {
+        Some(v) => seconds(name, v).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Seconds: a finite number >= 0. More than a `Duration` holds (some 10^19 s)
+/// is as good as no limit: `Duration::MAX`.
+pub fn seconds(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
     let s = number(name, v, "a number of seconds")?;
     if !s.is_finite() || s < 0.0 {
         return Err(Error::BadValue(
@@ -50,9 +58,7 @@ pub fn seconds(name: &'static str, v: Option<&Bound<'_, PyAny>>) -> Result<Optio
             format!("must be a finite number of seconds >= 0, got {}", short(v)),
         ));
     }
-    Ok(Some(
-        Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX),
-    ))
+    Ok(Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX))
 }
 
 /// A count from 0 to `u32::MAX`.

@@ -312,7 +312,6 @@ impl Engine {
                 delay_ms,
                 max_retries,
                 timeout_ms,
-                seq: None,
             },
         )?;
         let job = self.shared.submit(p.task, p.delay, p.row)?;
@@ -342,9 +341,6 @@ impl Engine {
         name: String,
     ) -> PyResult<super::periodic::PeriodicTask> {
         self.shared.born.check()?;
-        if self.shared.sched.is_closed() {
-            return Err(Error::ShutDown.into());
-        }
         let new = super::periodic::NewSchedule {
             func,
             args,
@@ -583,10 +579,10 @@ impl Engine {
 
     /// Waits until everything handed to the store is committed; returns
     /// whether it was within `timeout` seconds. True without storage.
-    #[pyo3(name = "_flush", signature = (timeout=None))]
-    fn flush(&self, py: Python<'_>, timeout: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+    #[pyo3(name = "_flush")]
+    fn flush(&self, py: Python<'_>, timeout: &Bound<'_, PyAny>) -> PyResult<bool> {
         self.shared.born.check()?;
-        let timeout = args::seconds("timeout", timeout)?.unwrap_or(Duration::from_secs(10));
+        let timeout = args::seconds("timeout", timeout)?;
         let Some(store) = &self.shared.store else {
             return Ok(true);
         };
@@ -661,19 +657,16 @@ impl Engine {
     }
 
     /// Stops the engine; see the stub for the contract. Returns a report.
-    #[pyo3(name = "_shutdown", signature = (wait_for_completion=None, timeout=None))]
+    #[pyo3(name = "_shutdown")]
     fn shutdown(
         &self,
         py: Python<'_>,
-        wait_for_completion: Option<&Bound<'_, PyAny>>,
-        timeout: Option<&Bound<'_, PyAny>>,
+        wait_for_completion: &Bound<'_, PyAny>,
+        timeout: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyDict>> {
         self.shared.born.check()?;
-        let wait_for_completion = match wait_for_completion {
-            Some(v) => args::flag("wait_for_completion", v)?,
-            None => true,
-        };
-        let timeout = args::seconds("timeout", timeout)?.unwrap_or(Duration::from_secs(30));
+        let wait_for_completion = args::flag("wait_for_completion", wait_for_completion)?;
+        let timeout = args::seconds("timeout", timeout)?;
         // One shutdown at a time; later callers get the first one's report.
         let _stopping = loop {
             if let Some(guard) = self.stopping.try_lock() {
@@ -925,8 +918,6 @@ pub struct TaskOptions<'a, 'py> {
     pub delay_ms: Option<&'a Bound<'py, PyAny>>,
     pub max_retries: Option<&'a Bound<'py, PyAny>>,
     pub timeout_ms: Option<&'a Bound<'py, PyAny>>,
-    /// The sequence number of its id, when the caller reserved one.
-    pub seq: Option<u64>,
 }
 
 /// A task ready to submit: made under the GIL, submitted without it.
@@ -952,7 +943,6 @@ pub fn prepare(
         delay_ms,
         max_retries,
         timeout_ms,
-        seq,
     } = options;
     let rt = runtime(py)?;
     let d = &shared.defaults;
@@ -996,7 +986,7 @@ pub fn prepare(
     let kw_len = kwargs.map_or(0, |k| k.len()) as u64;
     let footprint = 200 + 8 * args.len() as u64 + if kw_len > 0 { 100 + 48 * kw_len } else { 0 };
     let task = NewTask {
-        seq: seq.unwrap_or_else(|| shared.next_seq.fetch_add(1, SeqCst)),
+        seq: shared.next_seq.fetch_add(1, SeqCst),
         prefix: shared.prefix,
         lane,
         max_retries: retries,

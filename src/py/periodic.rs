@@ -78,6 +78,20 @@ impl Periodics {
         }
     }
 
+    fn name_taken(name: &str) -> Error {
+        Error::BadValue(
+            "name",
+            format!("{name:?} is already the name of a periodic task"),
+        )
+    }
+
+    fn name_free(&self, name: &str) -> Result<()> {
+        if self.schedules.lock().values().any(|s| s.name == name) {
+            return Err(Self::name_taken(name));
+        }
+        Ok(())
+    }
+
     /// Arms the schedule's next firing: its due time plus its jitter.
     fn arm(&self, s: &Schedule, st: &mut State) {
         let Some(due) = st.due else {
@@ -242,17 +256,9 @@ pub fn add(py: Python<'_>, shared: &Arc<Shared>, new: NewSchedule<'_>) -> Result
         super::args::millis("timeout_ms", v)?;
     }
     let periodics = periodics_of(shared)?;
-    if periodics
-        .schedules
-        .lock()
-        .values()
-        .any(|s| s.name == new.name)
-    {
-        return Err(Error::BadValue(
-            "name",
-            format!("{:?} is already the name of a periodic task", new.name),
-        ));
-    }
+    // Checked before the store records the schedule under this name, and
+    // again as it is added (another thread may have taken the name meanwhile).
+    periodics.name_free(&new.name)?;
     let mut state = State::default();
     let mut last_due = None;
     if let Some(store) = shared.store.as_ref().filter(|s| !s.is_degraded()) {
@@ -290,12 +296,16 @@ pub fn add(py: Python<'_>, shared: &Arc<Shared>, new: NewSchedule<'_>) -> Result
         failures: AtomicU64::new(0),
         state: Mutex::new(state),
     });
-    periodics
-        .schedules
-        .lock()
-        .insert(schedule.id, schedule.clone());
-    // Building one now also checks what every run will need (strict storage).
-    build_run(py, shared, &schedule)?;
+    // Building one now also checks what every run needs (strict storage).
+    let first = build_run(py, shared, &schedule)?;
+    {
+        let mut map = periodics.schedules.lock();
+        if map.values().any(|s| s.name == schedule.name) {
+            return Err(Periodics::name_taken(&schedule.name));
+        }
+        map.insert(schedule.id, schedule.clone());
+    }
+    schedule.state.lock().ahead.push(first);
     refill(py, shared, &schedule);
     {
         let mut st = schedule.state.lock();
@@ -324,12 +334,12 @@ pub fn list(shared: &Shared) -> Vec<PeriodicTask> {
 
 /// The engine's `Periodics`, with its thread started on first use.
 fn periodics_of(shared: &Arc<Shared>) -> Result<Arc<Periodics>> {
+    if shared.sched.is_closed() {
+        return Err(Error::ShutDown);
+    }
     let mut slot = shared.periodics.lock();
     if let Some(p) = slot.as_ref() {
         return Ok(p.clone());
-    }
-    if shared.sched.is_closed() {
-        return Err(Error::ShutDown);
     }
     let periodics = Arc::new(Periodics::new());
     let weak_shared = Arc::downgrade(shared);
@@ -519,7 +529,6 @@ fn build_run(py: Python<'_>, shared: &Arc<Shared>, s: &Arc<Schedule>) -> PyResul
             delay_ms: None,
             max_retries: s.max_retries.as_ref().map(|v| v.bind(py)),
             timeout_ms: s.timeout_ms.as_ref().map(|v| v.bind(py)),
-            seq: Some(0),
         },
     )?;
     let watch = Bound::new(

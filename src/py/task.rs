@@ -604,7 +604,7 @@ impl TaskResult {
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
         self.born.check()?;
-        let limit = super::args::seconds("timeout", timeout)?;
+        let limit = super::args::seconds_or_none("timeout", timeout)?;
         let deadline = limit.and_then(|d| Instant::now().checked_add(d));
         loop {
             if self.state.status().is_final() {
