@@ -13,7 +13,7 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use super::args;
 use super::engine::{Counters, Defaults, Retention, Shared};
 use super::errors::{describe, Error, Result};
-use super::runtime::{close_event_loop, runtime};
+use super::runtime::{close_event_loop, log_in_background, runtime};
 use super::stats::EngineStats;
 use super::task::{Call, Job, KeyMap, NewTask, Outcome, Status, TaskResult};
 use crate::store::sqlite::{Row, SqliteStore};
@@ -1008,13 +1008,10 @@ pub fn prepare(
     Ok(Prepared { task, delay, row })
 }
 
-/// Logs, once, that the store stopped taking writes (from the store's thread).
+/// Logs, once, that the store stopped taking writes. Called on the store's
+/// thread, which never attaches: dropping a store joins it under the GIL.
 fn log_degraded(reason: &str) {
-    Python::try_attach(|py| {
-        if let Ok(rt) = runtime(py) {
-            rt.log(py, "error", reason.to_string(), None);
-        }
-    });
+    log_in_background("error", reason.to_string());
 }
 
 fn preview(ids: &[String]) -> String {

@@ -109,6 +109,35 @@ impl Runtime {
     }
 }
 
+/// Logs from a thread that must never wait for the GIL (the store's writer,
+/// say): the message goes to a short-lived thread of its own, which attaches
+/// and logs. Whoever waits for the calling thread (a drop path holding the
+/// GIL, for one) then never waits, through it, for the GIL.
+///
+/// NOTE: messages from such threads are rare (a store that fails says so
+/// once), so a thread per message is cheaper than keeping one alive.
+pub fn log_in_background(level: &'static str, message: String) {
+    let spawned = std::thread::Builder::new()
+        .name("catzilla-log".into())
+        .spawn(move || {
+            let guard = ParkOnForcedUnwind;
+            let told = Python::try_attach(|py| {
+                if let Ok(rt) = runtime(py) {
+                    rt.log(py, level, message.clone(), None);
+                    return true;
+                }
+                false
+            });
+            guard.disarm();
+            if told != Some(true) {
+                eprintln!("catzilla: {message}");
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("catzilla: cannot start a thread to log ({e})");
+    }
+}
+
 /// Whether a value a task or handler returned must be awaited: a coroutine
 /// or another awaitable. Common plain results are ruled out by exact type
 /// first, so they never pay for the attribute lookup.

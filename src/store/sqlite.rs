@@ -84,6 +84,8 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 /// Told once, from the writer thread, why the store stopped taking writes.
+/// It must not wait for anything: closing a store waits for its writer, and
+/// may do so while holding the GIL (a drop path), so it must never attach.
 pub type OnDegraded = Box<dyn Fn(&str) + Send>;
 
 /// Whether the store still takes writes, and why not once it does not.

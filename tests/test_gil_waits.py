@@ -1,0 +1,75 @@
+"""No Rust code waits, while holding the GIL, for a thread that may need it.
+
+Each case runs in a fresh interpreter with a deadline, so a deadlock fails
+its test (``helpers.run_python`` reports it as a hang) instead of hanging the
+suite. docs/design.md lists every wait checked against this rule.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+from helpers import run_python
+
+DONE = "finished cleanly"
+
+
+def assert_finished(code: str, timeout: float = 60.0) -> str:
+    proc = run_python(textwrap.dedent(code) + f"\nprint({DONE!r}, flush=True)\n", timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    assert DONE in proc.stdout, proc.stdout + proc.stderr
+    assert "fatal" not in proc.stderr.lower(), proc.stderr
+    return proc.stderr
+
+
+def test_dropping_an_engine_whose_store_was_deleted_does_not_hang():
+    # The store's thread notices the deleted directory while the engine is
+    # dropped (under the GIL, which waits for that thread): it must not need
+    # the GIL to say so.
+    assert_finished(
+        """
+        import tempfile
+        from catzilla.background_tasks import BackgroundTasks
+
+        def run():
+            with tempfile.TemporaryDirectory() as tmp:
+                engine = BackgroundTasks(storage=f"sqlite:///{tmp}/tasks.db")
+                results = [engine.add_task(int, i) for i in range(100)]
+                for r in results:
+                    r.wait(10)
+                engine.flush()
+                engine.shutdown()
+
+        for _ in range(3):
+            run()
+        """
+    )
+
+
+def test_a_store_that_degrades_while_the_gil_is_busy_still_logs_once():
+    err = assert_finished(
+        """
+        import logging, os, tempfile, time
+        from catzilla.background_tasks import BackgroundTasks
+
+        seen = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                seen.append(record.getMessage())
+        logging.getLogger("catzilla").addHandler(Keep())
+
+        tmp = tempfile.mkdtemp()
+        engine = BackgroundTasks(storage=f"sqlite:///{tmp}/tasks.db")
+        engine.add_task(int, 1).wait(10)
+        engine.flush()
+        os.remove(f"{tmp}/tasks.db")
+        engine.add_task(int, 2).wait(10)
+        end = time.monotonic() + 10
+        while not seen and time.monotonic() < end:
+            sum(range(10_000))  # keep the GIL busy, as a CPU-bound program does
+        assert engine.get_stats().storage_degraded
+        engine.shutdown()
+        assert len(seen) == 1 and "was deleted" in seen[0], seen
+        """
+    )
+    assert "Traceback" not in err, err
