@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-import signal
-import threading
 from collections.abc import Callable
-from types import FrameType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from ._catzilla import Server
+from ._signals import StopSignals
 from .background_tasks import (
     BackgroundTasks,
     EngineStats,
@@ -142,13 +140,16 @@ class Catzilla:
     def listen(self, port: int = 8000, host: str = "127.0.0.1") -> None:
         """Serves the app until SIGINT or SIGTERM, with the GIL released.
 
-        Prints one line saying where it serves. Signal handlers the program
-        installed itself still run; where none is installed, SIGINT and
-        SIGTERM stop the server gracefully: no new connections, in-flight
-        requests finish (up to ``shutdown_grace`` seconds), then the task
-        engine shuts down and ``listen`` returns. A second Ctrl+C while tasks
-        drain stops waiting: unfinished tasks are cancelled and reported. A port
-        in use raises ``OSError``."""
+        Prints one line saying where it serves. SIGINT and SIGTERM stop the
+        server gracefully, every time: no new connections, in-flight requests
+        finish (up to ``shutdown_grace`` seconds), then the task engine shuts
+        down and ``listen`` returns. A handler the program installed for them
+        runs first; if it raises ``SystemExit`` (``sys.exit``) or
+        ``KeyboardInterrupt``, that exception propagates once the stop is done,
+        and any other exception it raises is logged. A signal set to
+        ``SIG_IGN`` stays ignored. A second signal while tasks drain stops
+        waiting: unfinished tasks are cancelled and reported. A port in use
+        raises ``OSError``."""
         server = Server(
             routes=self._adapters,
             max_body_size=self.max_body_size,
@@ -162,41 +163,27 @@ class Catzilla:
         bound_host, bound_port = server.bind(host, port)
         self._server = server
         print(f"catzilla serving on http://{bound_host}:{bound_port}", flush=True)
-        previous: dict[int, Any] = {}
-        signals = 0
-        draining = False
-
-        def stop_on_signal(signum: int, frame: FrameType | None) -> None:
-            nonlocal signals
-            signals += 1
-            server.request_shutdown()
-            if signals > 1 and draining:
-                raise KeyboardInterrupt
-
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
-                    previous[signum] = signal.signal(signum, stop_on_signal)
-        if self.tasks is not None and self._engine().config["storage"] is not None:
-            self._engine().recover()
+        signals = StopSignals(server.request_shutdown)
+        signals.install()
         try:
+            if self.tasks is not None and self._engine().config["storage"] is not None:
+                self._engine().recover()
             server.serve()
         finally:
             try:
                 server.stop(self.shutdown_grace)
                 self._server = None
                 if self.tasks is not None and not self.tasks.is_shutdown:
-                    draining = True
+                    signals.draining = True
                     self.tasks.shutdown(
-                        wait_for_completion=signals < 2, timeout=self.tasks.exit_timeout
+                        wait_for_completion=signals.received < 2, timeout=self.tasks.exit_timeout
                     )
             except KeyboardInterrupt:
                 # A second signal while tasks drain: the engine has already
                 # cancelled and reported what had not finished.
                 pass
             finally:
-                for number, handler in previous.items():
-                    signal.signal(number, handler)
+                signals.restore()
 
     def stop(self) -> None:
         """Asks a running ``listen`` to stop gracefully; callable from any thread."""
