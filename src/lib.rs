@@ -1,5 +1,6 @@
 //! catzilla's native core, built as the extension module `catzilla._catzilla`.
 
+pub mod clock;
 pub mod http;
 pub mod py;
 pub mod store;

@@ -73,3 +73,62 @@ def test_a_store_that_degrades_while_the_gil_is_busy_still_logs_once():
         """
     )
     assert "Traceback" not in err, err
+
+
+def test_a_callback_that_shuts_the_engine_down_during_shutdown_gets_an_error():
+    # Shutdown cancels the queued task and runs its callback on the same
+    # thread; the callback's own shutdown() must not wait for itself.
+    err = assert_finished(
+        """
+        import threading
+        from catzilla.background_tasks import BackgroundTasks
+
+        engine = BackgroundTasks(workers=1, max_workers=1, enable_auto_scaling=False)
+        hold = threading.Event()
+        engine.add_task(hold.wait, 30)
+        queued = engine.add_task(print, "never runs")
+        seen = []
+
+        def again(handle):
+            try:
+                engine.shutdown(wait_for_completion=False)
+            except RuntimeError as exc:
+                seen.append(str(exc))
+
+        queued.add_callback(again)
+        report = engine.shutdown(wait_for_completion=False, timeout=1)
+        hold.set()
+        assert queued.task_id in report["cancelled"], report
+        assert len(seen) == 1 and "called again" in seen[0], seen
+        """
+    )
+    assert "Traceback" not in err, err
+
+
+def test_a_forked_child_drops_its_copy_of_a_stored_engine_without_waiting():
+    # The child has none of the parent's threads: dropping its copy of an
+    # engine must not wait for the parent's store thread (or a new thread
+    # that took its place).
+    assert_finished(
+        """
+        import os, sys, tempfile, time
+        from catzilla.background_tasks import BackgroundTasks
+
+        tmp = tempfile.mkdtemp()
+        old = BackgroundTasks(storage=f"sqlite:///{tmp}/a.db")
+        old.add_task(int, 1).wait(5)
+        old.shutdown()
+        pid = os.fork()
+        if pid == 0:
+            start = time.monotonic()
+            new = BackgroundTasks(storage=f"sqlite:///{tmp}/b.db")
+            del old
+            took = time.monotonic() - start
+            new.add_task(int, 2).wait(5)
+            new.shutdown()
+            os._exit(0 if took < 2 else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        """,
+        timeout=60,
+    )

@@ -41,7 +41,9 @@ pub struct Engine {
     shared: Arc<Shared>,
     watchdog_thread: Mutex<Option<JoinHandle<()>>>,
     report: Mutex<Option<Py<PyDict>>>,
+    /// Held while a shutdown runs; `stopper` names its thread.
     stopping: Mutex<()>,
+    stopper: Mutex<Option<std::thread::ThreadId>>,
 }
 
 fn timeout_of(d: Duration) -> Option<Duration> {
@@ -146,13 +148,6 @@ impl Engine {
         storage_strict: bool,
     ) -> PyResult<Self> {
         let rt = runtime(py)?;
-        let store = match storage {
-            Some(path) => Some(Arc::new(
-                py.detach(|| SqliteStore::open(&path, Box::new(log_degraded)))
-                    .map_err(|e| PyErr::from_value(rt.make_error(py, &rt.storage_error, e.0)))?,
-            )),
-            None => None,
-        };
         let secs = |name: &'static str, v: f64| -> Result<Duration> {
             if !v.is_finite() || v < 0.0 {
                 return Err(Error::BadValue(
@@ -196,6 +191,13 @@ impl Engine {
             cap: secs("retry_backoff_cap_ms", retry_backoff_cap_ms / 1000.0)?,
         };
         let result_ttl = secs("result_ttl", result_ttl)?;
+        let store = match storage {
+            Some(path) => Some(Arc::new(
+                py.detach(|| SqliteStore::open(&path, result_ttl, Box::new(log_degraded)))
+                    .map_err(|e| PyErr::from_value(rt.make_error(py, &rt.storage_error, e.0)))?,
+            )),
+            None => None,
+        };
         let idle_timeout = secs("idle_timeout", idle_timeout)?;
         let async_histogram = new_histogram().map_err(Error::from)?;
         let first_sample = crate::tasks::stats::Sample {
@@ -283,6 +285,7 @@ impl Engine {
             watchdog_thread: Mutex::new(Some(watchdog_thread)),
             report: Mutex::new(None),
             stopping: Mutex::new(()),
+            stopper: Mutex::new(None),
         })
     }
 
@@ -668,12 +671,39 @@ impl Engine {
         let wait_for_completion = args::flag("wait_for_completion", wait_for_completion)?;
         let timeout = args::seconds("timeout", timeout)?;
         // One shutdown at a time; later callers get the first one's report.
+        // A callback that the shutdown itself runs (a cancelled task's, say)
+        // and that calls it again would wait for itself: it gets an error.
+        let me = std::thread::current().id();
         let _stopping = loop {
             if let Some(guard) = self.stopping.try_lock() {
                 break guard;
             }
+            if *self.stopper.lock() == Some(me) {
+                return Err(Error::Reentrant(
+                    "shutdown() was called again by code that shutdown() is running \
+                     (a task callback, say); the engine is already shutting down",
+                )
+                .into());
+            }
             py.detach(|| std::thread::sleep(Duration::from_millis(5)));
+            py.check_signals()?;
         };
+        *self.stopper.lock() = Some(me);
+        let ran = self.shutdown_once(py, wait_for_completion, timeout);
+        *self.stopper.lock() = None;
+        ran
+    }
+}
+
+impl Engine {
+    /// The first shutdown stops the engine and keeps its report; later ones
+    /// return that report.
+    fn shutdown_once(
+        &self,
+        py: Python<'_>,
+        wait_for_completion: bool,
+        timeout: Duration,
+    ) -> PyResult<Py<PyDict>> {
         if let Some(report) = self.report.lock().as_ref() {
             return Ok(report.clone_ref(py));
         }
@@ -684,9 +714,7 @@ impl Engine {
             None => Ok(report),
         }
     }
-}
 
-impl Engine {
     /// Stops the engine; returns the report, and the exception a signal
     /// handler raised if one cut the drain short.
     fn stop(

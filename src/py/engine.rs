@@ -481,9 +481,10 @@ impl Shared {
         let footprint = task.footprint;
         let key = (task.prefix, task.seq);
         let job = Arc::new(TaskState::new(task));
-        self.shard(key).lock().insert(key, job.clone());
-        // NOTE: the row goes to the store before the task can start, so the
-        // store sees its insert before any update.
+        let replaced = self.shard(key).lock().insert(key, job.clone());
+        drop(replaced); // outside the lock: dropping Python objects may run Python
+                        // NOTE: the row goes to the store before the task can start, so the
+                        // store sees its insert before any update.
         let stored = match (&self.store, row) {
             (Some(store), Some(row)) => {
                 store.insert(row);

@@ -23,6 +23,8 @@ pub enum Error {
     Usage(String),
     NotReady(String),
     Timeout(String),
+    /// A call made again from inside itself, which would wait for itself.
+    Reentrant(&'static str),
     /// `catzilla.background_tasks` was not imported before the native module was used.
     NotInitialized,
     /// Starting an OS thread failed.
@@ -91,6 +93,7 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
             format!("task {id} has not finished yet"),
         ),
         Error::Timeout(msg) => pyo3::exceptions::PyTimeoutError::new_err(msg),
+        Error::Reentrant(msg) => PyRuntimeError::new_err(msg),
         Error::NotInitialized => PyRuntimeError::new_err(
             "catzilla's native module is not initialised; import catzilla.background_tasks first",
         ),

@@ -114,7 +114,9 @@ impl Periodics {
     pub fn stop(&self, py: Python<'_>) {
         self.ticker.stop();
         let thread = self.thread.lock().take();
-        if let Some(t) = thread {
+        // The ticker thread itself may end up here (an engine dropped by a
+        // collection that a firing ran): it cannot join itself.
+        if let Some(t) = thread.filter(|t| t.thread().id() != std::thread::current().id()) {
             py.detach(|| t.join()).ok();
         }
     }
@@ -461,11 +463,14 @@ fn submit_run(
         row.status = "pending".to_string();
     }
     let job = shared.submit(run.task, run.delay, run.row)?;
-    let mut st = s.state.lock();
-    st.last_run_at = Some(now);
-    st.last_result_id = Some(job.id());
-    st.last_job = Some(job);
-    st.runs += 1;
+    let previous = {
+        let mut st = s.state.lock();
+        st.last_run_at = Some(now);
+        st.last_result_id = Some(job.id());
+        st.runs += 1;
+        st.last_job.replace(job)
+    };
+    drop(previous); // outside the lock: dropping Python objects may run Python
     Ok(())
 }
 
@@ -551,6 +556,25 @@ pub struct PeriodicTask {
     periodics: Weak<Periodics>,
 }
 
+impl PeriodicTask {
+    fn set_paused(&self, paused: bool, verb: &str) -> PyResult<()> {
+        {
+            let mut st = self.schedule.state.lock();
+            if !st.cancelled {
+                st.paused = paused;
+                return Ok(());
+            }
+        }
+        // NOTE: made once the lock is released: making a Python error runs
+        // Python, and a worker ending a run takes this lock under the GIL.
+        Err(Error::BadValue(
+            "periodic task",
+            format!("{:?} is cancelled and cannot be {verb}", self.schedule.name),
+        )
+        .into())
+    }
+}
+
 #[pymethods]
 impl PeriodicTask {
     #[getter]
@@ -616,46 +640,25 @@ impl PeriodicTask {
 
     /// Stops queuing runs until `resume()`; the schedule keeps its times.
     fn pause(&self) -> PyResult<()> {
-        let mut st = self.schedule.state.lock();
-        if st.cancelled {
-            return Err(Error::BadValue(
-                "periodic task",
-                format!("{:?} is cancelled and cannot be paused", self.schedule.name),
-            )
-            .into());
-        }
-        st.paused = true;
-        Ok(())
+        self.set_paused(true, "paused")
     }
 
     fn resume(&self) -> PyResult<()> {
-        let mut st = self.schedule.state.lock();
-        if st.cancelled {
-            return Err(Error::BadValue(
-                "periodic task",
-                format!(
-                    "{:?} is cancelled and cannot be resumed",
-                    self.schedule.name
-                ),
-            )
-            .into());
-        }
-        st.paused = false;
-        Ok(())
+        self.set_paused(false, "resumed")
     }
 
     /// Stops the schedule for good; a run already queued still runs.
     /// Returns whether it was active.
     fn cancel(&self) -> bool {
-        let was = {
+        let (was, ahead) = {
             let mut st = self.schedule.state.lock();
             let was = !st.cancelled;
             st.cancelled = true;
             st.due = None;
             st.fire_at = None;
-            st.ahead.clear();
-            was
+            (was, std::mem::take(&mut st.ahead))
         };
+        drop(ahead); // outside the lock: dropping Python objects may run Python
         if let Some(p) = self.periodics.upgrade() {
             p.ticker.disarm(self.schedule.id);
             let removed = p.schedules.lock().remove(&self.schedule.id);

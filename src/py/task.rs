@@ -80,12 +80,7 @@ struct Inner {
 }
 
 /// Seconds since the Unix epoch, for timestamps users read.
-pub fn epoch_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
+pub use crate::clock::epoch_now;
 
 /// One reading of both clocks, so task timestamps are taken from the cheap
 /// monotonic clock and turned into wall-clock time only when read.
@@ -405,14 +400,18 @@ impl TaskState {
     }
 
     fn outcome(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let inner = self.inner.lock();
-        match &inner.outcome {
+        // NOTE: the error is made once the lock is released: making it runs
+        // Python, which may hand the GIL to a worker that then waits for this
+        // lock to finish the task.
+        let got = match &self.inner.lock().outcome {
             Outcome::Value(v) => Ok(v.clone_ref(py)),
-            Outcome::Error(e) | Outcome::Cancelled(e) => {
-                Err(PyErr::from_value(e.clone_ref(py).into_bound(py)))
-            }
-            Outcome::Pending => Err(Error::NotReady(self.id()).into()),
-        }
+            Outcome::Error(e) | Outcome::Cancelled(e) => Err(Some(e.clone_ref(py))),
+            Outcome::Pending => Err(None),
+        };
+        got.map_err(|exc| match exc {
+            Some(e) => PyErr::from_value(e.into_bound(py)),
+            None => Error::NotReady(self.id()).into(),
+        })
     }
 }
 

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
@@ -118,8 +118,20 @@ struct FileId {
 /// How often an idle writer looks at its file.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the writer deletes finished rows past the retention, and most
+/// rows one pruning transaction deletes (a backlog is cleared over several,
+/// so writes of live tasks never wait behind one long delete).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+const PRUNE_BATCH: i64 = 2000;
+
+/// Statuses of rows that are final; only they are ever pruned.
+const FINAL_STATUSES: &str = "'completed', 'failed', 'cancelled'";
+
 pub struct SqliteStore {
     path: String,
+    /// The process whose writer thread this is: a child made by `fork()`
+    /// has no such thread, and must never wait for it.
+    pid: u32,
     tx: Sender<Op>,
     writer: Mutex<Option<JoinHandle<()>>>,
     health: Arc<Health>,
@@ -149,6 +161,8 @@ CREATE TABLE IF NOT EXISTS catzilla_tasks (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS catzilla_tasks_status ON catzilla_tasks (status);
+CREATE INDEX IF NOT EXISTS catzilla_tasks_finished ON catzilla_tasks (finished_at)
+    WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS catzilla_schedules (
     name TEXT PRIMARY KEY,
     spec TEXT NOT NULL,
@@ -192,7 +206,8 @@ fn open_connection(path: &str) -> Result<Connection, StoreError> {
             "{path}: cannot switch to WAL mode (got {mode})"
         )));
     }
-    conn.execute_batch("PRAGMA synchronous=NORMAL;")?;
+    conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA journal_size_limit=16777216;")?;
+    use_incremental_vacuum(&conn);
     conn.execute_batch(SCHEMA)
         .map_err(|e| StoreError(format!("cannot write to {path}: {e}")))?;
     // Prove the file takes writes now (read-only or locked files fail here).
@@ -201,10 +216,34 @@ fn open_connection(path: &str) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Lets the file give freed pages back (`PRAGMA incremental_vacuum`). A new
+/// file takes the setting at once; a file made by an older version needs one
+/// `VACUUM` to switch, tried once here. If that cannot run now (another
+/// process is writing), freed pages are still reused for new rows, so the
+/// file stays bounded; it only does not shrink.
+fn use_incremental_vacuum(conn: &Connection) {
+    const INCREMENTAL: i64 = 2;
+    let mode = |c: &Connection| -> Option<i64> {
+        c.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)).ok()
+    };
+    if mode(conn) == Some(INCREMENTAL) {
+        return;
+    }
+    let _ = conn.execute_batch("PRAGMA auto_vacuum=INCREMENTAL;");
+    if mode(conn) != Some(INCREMENTAL) {
+        let _ = conn.execute_batch("VACUUM;");
+    }
+}
+
 impl SqliteStore {
     /// Opens (or creates) the database and starts the writer thread.
+    /// Finished rows older than `retention` are deleted by that thread.
     /// `on_degraded` is told once if the store later stops taking writes.
-    pub fn open(path: &str, on_degraded: OnDegraded) -> Result<Self, StoreError> {
+    pub fn open(
+        path: &str,
+        retention: Duration,
+        on_degraded: OnDegraded,
+    ) -> Result<Self, StoreError> {
         let conn = open_connection(path)?;
         let id = std::fs::metadata(path)
             .map(|m| FileId {
@@ -220,6 +259,8 @@ impl SqliteStore {
             id,
             health: health.clone(),
             on_degraded,
+            retention,
+            next_prune: Instant::now(),
         };
         let writer = std::thread::Builder::new()
             .name("catzilla-store".into())
@@ -227,6 +268,7 @@ impl SqliteStore {
             .map_err(|e| StoreError(format!("cannot start the store thread: {e}")))?;
         Ok(Self {
             path: path.to_string(),
+            pid: std::process::id(),
             tx,
             writer: Mutex::new(Some(writer)),
             health,
@@ -302,12 +344,24 @@ impl SqliteStore {
     /// Blocks until everything handed over before this call is committed
     /// (or `timeout` passes). Returns whether it was.
     pub fn flush(&self, timeout: Duration) -> bool {
+        if self.is_forked() {
+            return false;
+        }
         let (done, wait) = crossbeam_channel::bounded(1);
         self.tx.send(Op::Flush(done)).is_ok() && wait.recv_timeout(timeout).is_ok()
     }
 
-    /// Flushes and stops the writer thread.
+    fn is_forked(&self) -> bool {
+        std::process::id() != self.pid
+    }
+
+    /// Flushes and stops the writer thread. In a forked child it only lets
+    /// go of the handle: joining a thread of the parent could wait forever.
     pub fn close(&self, timeout: Duration) {
+        if self.is_forked() {
+            std::mem::forget(self.writer.lock().take());
+            return;
+        }
         self.flush(timeout);
         let _ = self.tx.send(Op::Stop);
         if let Some(w) = self.writer.lock().take() {
@@ -543,21 +597,44 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Deletes at most `limit` final rows that finished before `cutoff`, oldest
+/// first, sparing each schedule's newest run. Returns how many went.
+fn prune(conn: &Connection, cutoff: f64, limit: i64) -> rusqlite::Result<usize> {
+    conn.execute(
+        &format!(
+            "DELETE FROM catzilla_tasks WHERE rowid IN ( \
+               SELECT rowid FROM catzilla_tasks \
+               WHERE finished_at < ?1 AND status IN ({FINAL_STATUSES}) \
+                 AND task_id NOT IN ( \
+                   SELECT task_id FROM catzilla_schedule_runs AS r \
+                   WHERE due_ms = (SELECT MAX(due_ms) FROM catzilla_schedule_runs \
+                                   WHERE name = r.name)) \
+               ORDER BY finished_at LIMIT ?2)"
+        ),
+        params![cutoff, limit],
+    )
+}
+
 struct Writer {
     conn: Connection,
     path: String,
     id: FileId,
     health: Arc<Health>,
     on_degraded: OnDegraded,
+    retention: Duration,
+    next_prune: Instant,
 }
 
 impl Writer {
     fn run(mut self, rx: &Receiver<Op>) {
         loop {
-            let first = match rx.recv_timeout(HEALTH_INTERVAL) {
+            let idle_for =
+                HEALTH_INTERVAL.min(self.next_prune.saturating_duration_since(Instant::now()));
+            let first = match rx.recv_timeout(idle_for) {
                 Ok(op) => op,
                 Err(RecvTimeoutError::Timeout) => {
                     self.check_file();
+                    self.prune_if_due();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -591,6 +668,29 @@ impl Writer {
             if stop {
                 return;
             }
+            self.prune_if_due();
+        }
+    }
+
+    /// Deletes up to `PRUNE_BATCH` finished rows older than the retention,
+    /// once per `PRUNE_INTERVAL`, or again at once while a backlog is left.
+    /// Never touched: rows not final, and the task of each schedule's newest
+    /// run (its `last_result_id`). Freed pages go back to the file system.
+    fn prune_if_due(&mut self) {
+        let now = Instant::now();
+        if now < self.next_prune || self.health.degraded.load(Ordering::Relaxed) {
+            return;
+        }
+        let cutoff = crate::clock::epoch_now() - self.retention.as_secs_f64();
+        let pruned = prune(&self.conn, cutoff, PRUNE_BATCH);
+        self.next_prune = match pruned {
+            Ok(n) if n as i64 >= PRUNE_BATCH => now,
+            _ => now + PRUNE_INTERVAL,
+        };
+        // NOTE: a failed prune (the file busy past the timeout, say) is tried
+        // again next interval; live rows are written as usual meanwhile.
+        if matches!(pruned, Ok(n) if n > 0) {
+            let _ = self.conn.execute_batch("PRAGMA incremental_vacuum;");
         }
     }
 
@@ -663,6 +763,9 @@ mod tests {
         }
     }
 
+    /// The rows of these tests carry made-up timestamps near the epoch: keep them.
+    const KEEP: Duration = Duration::from_secs(u32::MAX as u64);
+
     fn quiet() -> OnDegraded {
         Box::new(|_| {})
     }
@@ -678,7 +781,7 @@ mod tests {
     #[test]
     fn records_updates_and_reads_back() {
         let path = temp_db("basic");
-        let store = SqliteStore::open(&path, quiet()).unwrap();
+        let store = SqliteStore::open(&path, KEEP, quiet()).unwrap();
         store.insert(row("a", "pending", 1.0));
         store.insert(row("b", "scheduled", 2.0));
         store.started("a".into(), 1, 5.0);
@@ -717,7 +820,7 @@ mod tests {
         assert_eq!(store.list(Some("failed"), 10).unwrap().len(), 1);
         store.close(Duration::from_secs(5));
         // A second store on the same file sees everything.
-        let again = SqliteStore::open(&path, quiet()).unwrap();
+        let again = SqliteStore::open(&path, KEEP, quiet()).unwrap();
         assert_eq!(again.get("a").unwrap().unwrap().progress, 40.0);
         assert!(again.failure().is_none());
     }
@@ -730,7 +833,7 @@ mod tests {
             b"this is not a database at all, just text ....................",
         )
         .unwrap();
-        let err = SqliteStore::open(&path, quiet()).err().unwrap();
+        let err = SqliteStore::open(&path, KEEP, quiet()).err().unwrap();
         assert!(
             err.0.contains("not a usable SQLite database") || err.0.contains("cannot"),
             "{err}"
@@ -739,7 +842,7 @@ mod tests {
 
     #[test]
     fn refuses_unwritable_locations() {
-        let err = SqliteStore::open("/nonexistent-dir/sub/tasks.db", quiet())
+        let err = SqliteStore::open("/nonexistent-dir/sub/tasks.db", KEEP, quiet())
             .err()
             .unwrap();
         assert!(err.0.contains("cannot open"), "{err}");
@@ -759,7 +862,7 @@ mod tests {
     fn a_deleted_file_stops_the_store_once_and_says_why() {
         let path = temp_db("deleted");
         let (hook, told) = telling();
-        let store = SqliteStore::open(&path, hook).unwrap();
+        let store = SqliteStore::open(&path, KEEP, hook).unwrap();
         store.insert(row("a", "pending", 1.0));
         assert!(store.flush(Duration::from_secs(5)));
         assert_eq!(store.get("a").unwrap().unwrap().status, "pending");
@@ -784,7 +887,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let path = temp_db("readonly");
         let (hook, told) = telling();
-        let store = SqliteStore::open(&path, hook).unwrap();
+        let store = SqliteStore::open(&path, KEEP, hook).unwrap();
         store.insert(row("a", "pending", 1.0));
         assert!(store.flush(Duration::from_secs(5)));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
@@ -797,8 +900,8 @@ mod tests {
     #[test]
     fn a_run_is_claimed_once_across_stores_and_schedules_survive_reopening() {
         let path = temp_db("schedules");
-        let a = SqliteStore::open(&path, quiet()).unwrap();
-        let b = SqliteStore::open(&path, quiet()).unwrap();
+        let a = SqliteStore::open(&path, KEEP, quiet()).unwrap();
+        let b = SqliteStore::open(&path, KEEP, quiet()).unwrap();
         let first = a.open_schedule("beat", "every 5 s", 100.0).unwrap();
         assert_eq!(
             first,
@@ -835,5 +938,91 @@ mod tests {
             a.open_schedule("beat", "every 7 s", 0.0).unwrap().runs,
             RUNS_KEPT + 1
         );
+    }
+
+    #[test]
+    fn pruning_deletes_only_old_finished_rows_and_spares_last_runs() {
+        let path = temp_db("prune");
+        let store = SqliteStore::open(&path, KEEP, quiet()).unwrap();
+        for (id, status) in [
+            ("old-done", "completed"),
+            ("old-failed", "failed"),
+            ("old-cancelled", "cancelled"),
+            ("old-pending", "pending"),
+            ("old-running", "running"),
+            ("old-scheduled", "scheduled"),
+            ("old-retrying", "retrying"),
+            ("last-run", "completed"),
+            ("earlier-run", "completed"),
+            ("new-done", "completed"),
+        ] {
+            let mut r = row(id, status, 1.0);
+            r.finished_at = Some(if id.starts_with("new") { 500.0 } else { 10.0 });
+            store.insert(r);
+        }
+        assert!(store.flush(Duration::from_secs(5)));
+        store.open_schedule("beat", "every 5 s", 0.0).unwrap();
+        assert!(store.claim_run("beat", 5.0, "earlier-run", 5.0).unwrap());
+        assert!(store.claim_run("beat", 10.0, "last-run", 10.0).unwrap());
+        let conn = open_connection(&path).unwrap();
+        assert_eq!(prune(&conn, 100.0, 2).unwrap(), 2, "one batch at a time");
+        assert_eq!(prune(&conn, 100.0, 100).unwrap(), 2);
+        assert_eq!(prune(&conn, 100.0, 100).unwrap(), 0);
+        let mut left: Vec<String> = store
+            .list(None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.task_id)
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "last-run",
+                "new-done",
+                "old-pending",
+                "old-retrying",
+                "old-running",
+                "old-scheduled"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_writer_prunes_past_the_retention_and_the_file_reuses_space() {
+        let path = temp_db("prune-writer");
+        let store = SqliteStore::open(&path, Duration::ZERO, quiet()).unwrap();
+        let big = "x".repeat(4000);
+        let pages = || -> i64 {
+            let conn = open_connection(&path).unwrap();
+            conn.query_row("PRAGMA page_count", [], |r| r.get(0))
+                .unwrap()
+        };
+        let mut sizes = Vec::new();
+        for round in 0..8 {
+            for k in 0..300 {
+                let mut r = row(&format!("{round}-{k}"), "completed", 1.0);
+                r.result = Some(big.clone());
+                r.finished_at = Some(crate::clock::epoch_now());
+                store.insert(r);
+            }
+            assert!(store.flush(Duration::from_secs(5)));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !store.list(None, 1).unwrap().is_empty() {
+                assert!(Instant::now() < deadline, "rows were never pruned");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            sizes.push(pages());
+        }
+        // 8 rounds of 1.2 MB each: without pruning and reuse of the freed
+        // pages the file would hold all of them; with it, no more than about
+        // one round's worth at any time.
+        let round = (300 * 4000 / 4096) as i64;
+        assert!(sizes.iter().all(|&p| p < 2 * round), "pages {sizes:?}");
+        let conn = open_connection(&path).unwrap();
+        let mode: i64 = conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, 2, "incremental vacuum");
     }
 }
