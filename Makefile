@@ -1,5 +1,5 @@
 # Developer tasks; CI runs .ci/run.
-.PHONY: build-dev build-release format lint test bench reliability
+.PHONY: build-dev build-release format lint test bench bench-quick reliability
 
 build-dev:
 	maturin develop
@@ -24,6 +24,11 @@ test:
 
 bench: build-release
 	python benches/bench_tasks.py
+
+# Every script in benches/ with --quick (seconds each; any build): checks that
+# each runs end to end, baselines included. CI runs the same in the tests.
+bench-quick:
+	python -m pytest -q tests/test_benches.py
 
 # The full-scale load runs (CI runs them reduced, inside the tests).
 reliability: build-release

@@ -18,7 +18,7 @@ must answer 200), then, for each route, warmed up and measured with
 If ours cannot start (no HTTP server yet), that is reported and the baselines still run.
 
     python benches/bench_http.py                      # 10 s per route
-    python benches/bench_http.py --quick              # 3 s per route
+    python benches/bench_http.py --quick              # 1 s per route, no warm-up: a check
     python benches/bench_http.py --only orig,uvicorn  # baselines only
 
 Needs ``wrk`` on PATH (Debian: ``apt-get install wrk``).
@@ -43,13 +43,26 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchargs import BenchParser
+
 BENCH_DIR = Path(__file__).resolve().parent
 APPS_DIR = BENCH_DIR / "http_apps"
 HOST = "127.0.0.1"
 
 ORIG_REQUIREMENTS = ("catzilla==0.2.3",)
 UVICORN_REQUIREMENTS = ("starlette", "uvicorn")
+HUEY_REQUIREMENTS = ("huey",)  # bench_storage.py
+APSCHEDULER_REQUIREMENTS = ("apscheduler<4",)  # bench_periodic.py
 REQUIREMENTS_MARKER = "bench-requirements.txt"
+PIP_TIMEOUT = 900  # seconds for a baseline venv's pip install
+
+# Every baseline venv of the benches, by its directory under BENCH_DIR.
+BASELINE_VENVS = {
+    ".venv-catzilla-orig": ORIG_REQUIREMENTS,  # bench_http.py, bench_idle.py
+    ".venv-uvicorn": UVICORN_REQUIREMENTS,  # bench_http.py
+    ".venv-huey": HUEY_REQUIREMENTS,  # bench_storage.py
+    ".venv-apscheduler": APSCHEDULER_REQUIREMENTS,  # bench_periodic.py
+}
 
 SERVER_NAMES = ("ours", "orig", "uvicorn")
 BASELINES = ("orig", "uvicorn")
@@ -147,12 +160,14 @@ def ensure_venv(venv: Path, requirements: Sequence[str], recreate: bool) -> Path
         print(f"[venv] removing {venv} to rebuild it")
         shutil.rmtree(venv)
     print(f"[venv] creating {venv} with {sys.executable}")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=clean_env())
+    subprocess.run(
+        [sys.executable, "-m", "venv", str(venv)], check=True, env=clean_env(), timeout=PIP_TIMEOUT
+    )
     # Keep the venv out of git, as Python 3.13's venv module does itself.
     (venv / ".gitignore").write_text("*\n")
     print(f"[venv] {python} -m pip install {' '.join(requirements)}")
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, *requirements], check=True, env=clean_env())
+    subprocess.run([*pip, *requirements], check=True, env=clean_env(), timeout=PIP_TIMEOUT)
     marker.write_text(wanted)
     return python
 
@@ -438,14 +453,11 @@ def print_table(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per route (10)")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per route (2)")
+    parser = BenchParser(__doc__)
+    parser.add_size("--duration", type=int, full=10, quick=1, help="seconds per route")
+    parser.add_size("--warmup", type=int, full=2, quick=0, help="warm-up seconds per route")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
-    parser.add_argument(
-        "--quick", action="store_true", help="3 s per route and 1 s warm-up, for a quick look"
-    )
     parser.add_argument(
         "--only",
         default=",".join(SERVER_NAMES),
@@ -469,13 +481,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="where the baseline venvs live (default: next to this script)",
     )
     parser.add_argument("--recreate-venvs", action="store_true", help="rebuild the baseline venvs")
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
     args.names = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(args.names) - set(SERVER_NAMES))
     if unknown or not args.names:
         parser.error(f"--only takes names from {', '.join(SERVER_NAMES)}; got {args.only!r}")
-    if args.quick:
-        args.duration, args.warmup = 3, 1
     if args.duration < 1 or args.warmup < 0 or args.connections < args.threads:
         parser.error("need --duration >= 1, --warmup >= 0 and --connections >= --threads")
     return args

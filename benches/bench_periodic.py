@@ -12,6 +12,7 @@ a run started minus when the schedule said it was due. Contenders:
   its own venv (made on first use).
 
     python benches/bench_periodic.py [--period 0.02] [--runs 250] [--load 3]
+    python benches/bench_periodic.py --quick     # 20 runs each: a check, not a figure
 
 Prints p50/p99/max lateness per contender and the ratios of their p99 to
 catzilla's; on this shared machine, compare ratios, not the lone times.
@@ -25,9 +26,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from benchargs import BenchParser
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -61,8 +64,11 @@ def measure(
                 done.set()
 
     first_due = start(run)
-    done.wait(runs * period * 10 + 30)
+    deadline = runs * period * 10 + 30
+    finished = done.wait(deadline)
     stop.set()
+    if not finished:
+        raise RuntimeError(f"only {len(starts)} of {runs} runs started within {deadline:g} s")
     ordered = sorted(starts)[:runs]
     return [at - (first_due + k * period) for k, at in enumerate(ordered)]
 
@@ -151,41 +157,36 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_child(python: str, name: str, args: argparse.Namespace) -> list[float]:
+    argv = [python, __file__, "--child", name, "--runs", str(args.runs)]
+    argv += ["--period", str(args.period), "--load", str(args.load)]
     out = subprocess.run(
-        [
-            python,
-            __file__,
-            "--child",
-            name,
-            "--runs",
-            str(args.runs),
-            "--period",
-            str(args.period),
-            "--load",
-            str(args.load),
-        ],
+        argv,
         capture_output=True,
         text=True,
         timeout=args.runs * args.period * 20 + 120,
-        check=True,
+        check=False,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {out.returncode}):\n{out.stdout}{out.stderr}")
+    late: list[float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return late
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--period", type=float, default=0.02)
-    parser.add_argument("--runs", type=int, default=250)
-    parser.add_argument("--load", type=int, default=3)
-    parser.add_argument("--child", choices=sorted(CHILDREN))
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = BenchParser(__doc__)
+    parser.add_argument("--period", type=float, default=0.02, help="seconds between runs (0.02)")
+    parser.add_size("--runs", type=int, full=250, quick=20, help="runs per contender")
+    parser.add_argument("--load", type=int, default=3, help="busy Python threads (3)")
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    args = parser.parse(argv)
+    if args.period <= 0 or args.runs < 1 or args.load < 0:
+        parser.error("need --period > 0, --runs >= 1 and --load >= 0")
     if args.child:
         print(json.dumps(CHILDREN[args.child](args.runs, args.period, args.load)))
-        return
-    sys.path.insert(0, str(BENCH_DIR))
-    from bench_http import ensure_venv
+        return 0
+    from bench_http import APSCHEDULER_REQUIREMENTS, ensure_venv
 
-    aps_python = ensure_venv(BENCH_DIR / ".venv-apscheduler", ("apscheduler<4",), False)
+    aps_python = ensure_venv(BENCH_DIR / ".venv-apscheduler", APSCHEDULER_REQUIREMENTS, False)
     results = {}
     for name in CHILDREN:
         python = str(aps_python) if name == "apscheduler" else sys.executable
@@ -204,7 +205,8 @@ def main() -> None:
             f"  {name:18} {percentile(ms, 0.5):8.2f} {percentile(ms, 0.99):8.2f} "
             f"{max(ms):8.2f}   {ratio}"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

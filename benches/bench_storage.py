@@ -6,13 +6,13 @@
 - catzilla in memory, against its durable mode.
 
     python benches/bench_storage.py [--tasks 5000] [--rounds 3]
+    python benches/bench_storage.py --quick     # 100 tasks, 2 rounds: a check, not a figure
 
 Each figure is the median of the rounds; ratios are printed, not lone times.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import statistics
@@ -20,9 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from bench_http import BENCH_DIR, clean_env, ensure_venv
+from bench_http import BENCH_DIR, HUEY_REQUIREMENTS, clean_env, ensure_venv
+from benchargs import BenchParser
 
 APPS = BENCH_DIR / "storage_apps"
 sys.path.insert(0, str(APPS))
@@ -41,7 +43,8 @@ def catzilla_seconds(n: int, durable: bool) -> float:
         results = [engine.add_task(noop) for _ in range(n)]
         for r in results:
             r.wait(300)
-        engine.flush()  # durable: every outcome committed
+        if not engine.flush(60):  # durable: every outcome committed
+            raise RuntimeError("the store did not commit every outcome within 60 s")
         took = time.perf_counter() - start
         engine.shutdown(timeout=10)
         return took
@@ -83,12 +86,14 @@ def huey_seconds(python: Path, n: int) -> float:
         raise RuntimeError(f"the Huey producer printed no time:\n{out.stdout}\n{out.stderr}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tasks", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    python = ensure_venv(BENCH_DIR / ".venv-huey", ("huey",), False)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = BenchParser(__doc__)
+    parser.add_size("--tasks", type=int, full=5000, quick=100, help="tasks per round")
+    parser.add_size("--rounds", type=int, full=3, quick=2, help="rounds per contender")
+    args = parser.parse(argv)
+    if args.tasks < 1 or args.rounds < 1:
+        parser.error("need --tasks >= 1 and --rounds >= 1")
+    python = ensure_venv(BENCH_DIR / ".venv-huey", HUEY_REQUIREMENTS, False)
     n, rounds = args.tasks, args.rounds
     durable = statistics.median(catzilla_seconds(n, True) for _ in range(rounds))
     memory = statistics.median(catzilla_seconds(n, False) for _ in range(rounds))
@@ -99,7 +104,8 @@ def main() -> None:
     print(f"  Huey SqliteHuey, 4 threads  {n / huey:12.0f}   durable/Huey {huey / durable:6.1f}x")
     ratio = durable / memory
     print(f"  catzilla in memory          {n / memory:12.0f}   memory/durable {ratio:6.1f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,6 +3,7 @@ whether the memory comes back after the drain.
 
     python benches/burst.py                  # 1,000,000 tasks, the full scale
     python benches/burst.py --tasks 200000   # the CI scale (tests/test_load.py)
+    python benches/burst.py --quick          # 20,000 tasks: a check of the script
     python benches/burst.py --json
 
 Every worker is held by a blocking task, then the tasks are queued with their
@@ -19,7 +20,6 @@ Exit code 0 only if all of that holds; every phase has a deadline.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import sys
@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from benchargs import BenchParser
 from catzilla.background_tasks import BackgroundTasks
 
 WORKERS = 2
@@ -169,11 +170,11 @@ def burst(n: int, drain_timeout: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, default=1_000_000, help="tasks (1000000)")
+    parser = BenchParser(__doc__)
+    parser.add_size("--tasks", type=int, full=1_000_000, quick=20_000, help="tasks")
     parser.add_argument("--drain-timeout", type=float, default=300, help="seconds to run them")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
     if args.tasks < 1:
         parser.error("--tasks must be >= 1")
     result = burst(args.tasks, args.drain_timeout)

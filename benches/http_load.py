@@ -3,6 +3,7 @@
 
     python benches/http_load.py                        # wrk -t2 -c256 -d30s
     python benches/http_load.py --duration 10 --json   # shorter; JSON summary
+    python benches/http_load.py --quick                # wrk -c32 -d1s: a check of the script
 
 Checks (exit 0 only if all hold; exit 2 if wrk is not installed):
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_http import parse_wrk
+from benchargs import BenchParser
 from soak import HOST, AppServer
 
 POST_SCRIPT = 'wrk.method = "POST"\nwrk.body = ""\n'
@@ -140,13 +142,13 @@ def server_rss(server: AppServer) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=30, help="wrk seconds (30)")
-    parser.add_argument("--connections", type=int, default=256, help="wrk connections (256)")
+    parser = BenchParser(__doc__)
+    parser.add_size("--duration", type=int, full=30, quick=1, help="wrk seconds")
+    parser.add_size("--connections", type=int, full=256, quick=32, help="wrk connections")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     parser.add_argument("--drain-timeout", type=float, default=60, help="seconds to drain (60)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
     if shutil.which("wrk") is None:
         print("wrk is not on PATH: install it (Debian/Ubuntu: apt-get install wrk)")
         return 2

@@ -4,6 +4,7 @@ lost tasks and deadlocks.
     python benches/soak.py                   # 600 s, the full scale
     python benches/soak.py --duration 60     # the CI scale (tests/test_load.py)
     python benches/soak.py --json            # the summary as JSON on stdout
+    python benches/soak.py --quick           # 4 s: a check of the script
 
 ``benches/soak_app.py`` runs in a subprocess. Client threads, each on one
 keep-alive connection, call its routes in a fixed weighted mix; every call
@@ -28,7 +29,8 @@ Checks (exit 0 only if all hold):
   its kind; cancelled tasks never ran;
 * RSS is flat: the median of the last quarter of the load's samples is at
   most the median of the second quarter (the first is warm-up) plus 20% plus
-  20 MB;
+  20 MB (shown but not enforced with ``--quick``: in 4 s the records of
+  finished tasks, kept 5 s, are still filling up);
 * no deadlock: the load stopped, the engine drained and the server exited,
   each within its deadline.
 """
@@ -54,6 +56,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchargs import BenchParser
 
 BENCH_DIR = Path(__file__).resolve().parent
 APP = BENCH_DIR / "soak_app.py"
@@ -533,7 +537,7 @@ def soak(
     stats_problems = check_stats(stats, totals.submitted, counts["submitted"], counts["attempts"])
     failures += [f"stats: {p}" for p in stats_problems]
     rss_flat = rss["q4_median"] <= rss["bound"]
-    if not rss_flat:
+    if not rss_flat and not args.quick:
         failures.append(
             f"RSS grew: last-quarter median {rss['q4_median']:.1f} MB > bound {rss['bound']:.1f} MB"
             f" (second-quarter median {rss['q2_median']:.1f} MB)"
@@ -551,9 +555,12 @@ def soak(
         "drained": did_drain,
         "clean_exit": exit_code == 0,
     }
+    # Too short to reach a steady state: see the module docstring.
+    not_enforced = ["rss_flat"] if args.quick else []
     return {
-        "ok": all(checks.values()),
+        "ok": all(ok for name, ok in checks.items() if name not in not_enforced),
         "checks": checks,
+        "not_enforced": not_enforced,
         "failures": failures,
         "duration_s": round(load_seconds, 1),
         "drain_s": round(drain_seconds, 2),
@@ -603,7 +610,11 @@ def summary_text(summary: dict[str, Any]) -> str:
         f" after drain {rss['after_drain']}; median of the 2nd quarter {rss['q2_median']},"
         f" of the last quarter {rss['q4_median']} (bound {rss['bound']})",
         f"RSS MB over the load (every tenth): {rss['timeline']}",
-        *(f"  {'ok  ' if ok else 'FAIL'} {name}" for name, ok in summary["checks"].items()),
+        *(
+            f"  {'ok  ' if ok else 'FAIL'} {name}"
+            + (" (not enforced with --quick)" if name in summary["not_enforced"] else "")
+            for name, ok in summary["checks"].items()
+        ),
         *(f"FAILED: {failure}" for failure in summary["failures"]),
         "PASS" if summary["ok"] else "FAIL",
     ]
@@ -611,14 +622,14 @@ def summary_text(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=600, help="seconds of load (600)")
+    parser = BenchParser(__doc__)
+    parser.add_size("--duration", type=float, full=600, quick=4, help="seconds of load")
     parser.add_argument("--clients", type=int, default=4, help="client threads (4)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--drain-timeout", type=float, default=60, help="seconds to drain (60)")
     parser.add_argument("--stop-timeout", type=float, default=30, help="seconds to exit (30)")
-    parser.add_argument("--report-every", type=float, default=10, help="progress line period (10)")
-    args = parser.parse_args(argv)
+    parser.add_size("--report-every", type=float, full=10, quick=1, help="progress line period")
+    args = parser.parse(argv)
     if args.duration < 4 or args.clients < 1:
         parser.error("need --duration >= 4 and --clients >= 1")
     out = sys.stderr if args.json else sys.stdout
