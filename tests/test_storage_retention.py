@@ -102,3 +102,25 @@ def test_tasks_not_yet_final_are_never_pruned(tmp_path: Path):
     finally:
         blocker.release()
         engine.shutdown(wait_for_completion=False)
+
+
+def test_a_drained_shutdown_closes_the_store(tmp_path: Path, caplog):
+    # Once shut down with nothing left running, the file is the program's
+    # again: every record is committed, and deleting it is no store failure.
+    db = tmp_path / "tasks.db"
+    engine = BackgroundTasks(workers=2, storage=f"sqlite:///{db}")
+    ids = [engine.add_task(payload, i).task_id for i in range(50)]
+    report = engine.shutdown()
+    assert report["drained"], report
+    again = BackgroundTasks(workers=1, storage=f"sqlite:///{db}")
+    try:
+        infos = [again.get_task(i) for i in ids]
+        assert all(info is not None and info.status is TaskStatus.COMPLETED for info in infos)
+    finally:
+        again.shutdown()
+    with caplog.at_level("ERROR", logger="catzilla"):
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        wait_for_time(1.5)  # the store's file check runs once a second while open
+    assert not engine.get_stats().storage_degraded
+    assert [r for r in caplog.records if "storage" in r.getMessage()] == []

@@ -832,10 +832,15 @@ impl Engine {
                 None,
             );
         }
-        // NOTE: the store stays open (until the engine is dropped): tasks still
-        // running after shutdown returns must be able to record their end.
+        // NOTE: with tasks still running the store stays open (until the
+        // engine is dropped), so they can record their end; otherwise it is
+        // closed now, and the file is the program's again (to delete, say).
         if let Some(store) = &shared.store {
-            py.detach(|| store.flush(Duration::from_secs(10)));
+            if running.is_empty() {
+                py.detach(|| store.close(Duration::from_secs(10)));
+            } else {
+                py.detach(|| store.flush(Duration::from_secs(10)));
+            }
         }
         let report = PyDict::new(py);
         report.set_item("drained", cancelled.is_empty() && running.is_empty())?;
