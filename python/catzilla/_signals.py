@@ -41,9 +41,13 @@ class StopSignals:
             return  # only the main thread may set handlers; leave them alone
         for signum in STOP_SIGNALS:
             current = signal.getsignal(signum)
-            if current is None or current == signal.SIG_IGN:
-                continue
-            own = None if current in (signal.SIG_DFL, signal.default_int_handler) else current
+            own: Handler | None
+            if current in (signal.SIG_DFL, signal.default_int_handler):
+                own = None
+            elif callable(current):
+                own = current
+            else:
+                continue  # SIG_IGN stays ignored; a handler set outside Python is left alone
             self._previous[signum] = signal.signal(signum, self._handler(own))
 
     def restore(self) -> None:

@@ -1,0 +1,197 @@
+//! Admission: the checks and defaults every new task goes through, and the
+//! record a durable task leaves in the store. `add_task`, periodic runs and
+//! recovery all build their tasks here.
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use super::args;
+use super::runtime::runtime;
+use super::shared::Shared;
+use super::task::{Call, NewTask, Status};
+use crate::errors::{describe, Error};
+use crate::store::sqlite::Row;
+
+/// `TaskFunction._catzilla_options`: the function, then its defaults.
+type TaskFunctionOptions<'py> = (
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+);
+
+pub fn timeout_of(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+/// The store row of a new task: its import name and its arguments as JSON,
+/// or the reason it could not run again after a restart.
+fn durable_row(
+    py: Python<'_>,
+    rt: &super::runtime::Runtime,
+    shared: &Shared,
+    task: &NewTask,
+    delay: Duration,
+) -> PyResult<Row> {
+    let func = task.call.func.bind(py);
+    let name = super::shared::import_name(func);
+    let mut reason = None;
+    if name.contains("<lambda>") || name.contains("<locals>") {
+        reason = Some(format!(
+            "{name} is a lambda or a local function, which cannot be imported again"
+        ));
+    }
+    let dumps = rt.json_dumps.bind(py);
+    let args = match dumps.call1((task.call.args.bind(py),)) {
+        Ok(text) => Some(text.extract::<String>()?),
+        Err(err) => {
+            reason.get_or_insert_with(|| format!("its arguments are not JSON: {}", err.value(py)));
+            None
+        }
+    };
+    let kwargs = match &task.call.kwargs {
+        None => Some("{}".to_string()),
+        Some(k) => match dumps.call1((k.bind(py),)) {
+            Ok(text) => Some(text.extract::<String>()?),
+            Err(err) => {
+                reason.get_or_insert_with(|| {
+                    format!("its keyword arguments are not JSON: {}", err.value(py))
+                });
+                None
+            }
+        },
+    };
+    if shared.storage_strict {
+        if let Some(why) = &reason {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "func cannot be stored durably (storage_strict=True): {why}"
+            )));
+        }
+    }
+    let now = super::task::epoch_now();
+    Ok(Row {
+        task_id: super::task::format_id(task.prefix, task.seq),
+        name,
+        status: if delay.is_zero() {
+            Status::Pending
+        } else {
+            Status::Scheduled
+        }
+        .as_str()
+        .into(),
+        priority: task.lane as i64,
+        attempts: 0,
+        max_retries: i64::from(task.max_retries),
+        timeout_ms: task.timeout.map_or(0.0, |t| t.as_secs_f64() * 1000.0),
+        due_at: now + delay.as_secs_f64(),
+        progress: 0.0,
+        args: reason.is_none().then_some(args).flatten(),
+        kwargs: reason.is_none().then_some(kwargs).flatten(),
+        not_restartable: reason,
+        created_at: now,
+        ..Default::default()
+    })
+}
+
+/// Per-call options of `add_task`; None takes the task's or engine's default.
+pub struct TaskOptions<'a, 'py> {
+    pub priority: Option<&'a Bound<'py, PyAny>>,
+    pub delay_ms: Option<&'a Bound<'py, PyAny>>,
+    pub max_retries: Option<&'a Bound<'py, PyAny>>,
+    pub timeout_ms: Option<&'a Bound<'py, PyAny>>,
+}
+
+/// A task ready to submit: made under the GIL, submitted without it.
+pub struct Prepared {
+    pub task: NewTask,
+    pub delay: Duration,
+    pub row: Option<Row>,
+}
+
+/// Checks and builds a task with `add_task`'s rules (defaults, `@task`
+/// options, the durable row); the engine's `add_task` and each periodic run
+/// come through here.
+pub fn prepare(
+    py: Python<'_>,
+    shared: &Arc<Shared>,
+    func: &Bound<'_, PyAny>,
+    args: &Bound<'_, PyTuple>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+    options: TaskOptions<'_, '_>,
+) -> PyResult<Prepared> {
+    let TaskOptions {
+        priority,
+        delay_ms,
+        max_retries,
+        timeout_ms,
+    } = options;
+    let rt = runtime(py)?;
+    let d = &shared.defaults;
+    let (mut lane, mut delay, mut retries, mut timeout) =
+        (d.lane, d.delay, d.max_retries, d.timeout);
+    let mut no_retry = None;
+    let mut func = func.clone();
+    if func.get_type().is(rt.task_function_type.bind(py)) {
+        let opts = func.getattr("_catzilla_options")?;
+        let (inner, p, dl, mr, to, nr): TaskFunctionOptions<'_> = opts.extract()?;
+        if let Some(p) = p {
+            lane = shared.parse_lane(rt, &p)?;
+        }
+        if let Some(dl) = dl {
+            delay = args::millis("delay_ms", &dl)?;
+        }
+        if let Some(mr) = mr {
+            retries = args::count("max_retries", &mr)?;
+        }
+        if let Some(to) = to {
+            timeout = timeout_of(args::millis("timeout_ms", &to)?);
+        }
+        no_retry = nr.map(Bound::unbind);
+        func = inner;
+    }
+    if !func.is_callable() {
+        return Err(Error::WrongType("func", "callable", describe(&func)).into());
+    }
+    if let Some(p) = priority {
+        lane = shared.parse_lane(rt, p)?;
+    }
+    if let Some(v) = delay_ms {
+        delay = args::millis("delay_ms", v)?;
+    }
+    if let Some(v) = max_retries {
+        retries = args::count("max_retries", v)?;
+    }
+    if let Some(v) = timeout_ms {
+        timeout = timeout_of(args::millis("timeout_ms", v)?);
+    }
+    let kw_len = kwargs.map_or(0, |k| k.len()) as u64;
+    let footprint = 200 + 8 * args.len() as u64 + if kw_len > 0 { 100 + 48 * kw_len } else { 0 };
+    let task = NewTask {
+        seq: shared.next_seq.fetch_add(1, SeqCst),
+        prefix: shared.prefix,
+        lane,
+        max_retries: retries,
+        timeout,
+        delayed: !delay.is_zero(),
+        footprint,
+        call: Call {
+            func: func.unbind(),
+            args: args.clone().unbind(),
+            kwargs: kwargs.filter(|k| !k.is_empty()).map(|k| k.clone().unbind()),
+            no_retry,
+        },
+        callbacks: Vec::new(),
+    };
+    let row = match &shared.store {
+        Some(_) => Some(durable_row(py, rt, shared, &task, delay)?),
+        None => None,
+    };
+    Ok(Prepared { task, delay, row })
+}
+
