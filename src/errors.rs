@@ -1,9 +1,26 @@
 //! Every error the native module raises, mapped to Python in one place.
+//!
+//! Needs nothing else of the crate: the exception classes it raises are
+//! handed to it once, at import, by `catzilla.background_tasks`.
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 
-use super::runtime::runtime;
+/// catzilla's own exception classes (declared in `catzilla.errors`).
+pub struct Classes {
+    pub queue_full: Py<PyAny>,
+    pub shutdown: Py<PyAny>,
+    pub not_ready: Py<PyAny>,
+    pub storage: Py<PyAny>,
+}
+
+static CLASSES: PyOnceLock<Classes> = PyOnceLock::new();
+
+/// Called once at import; later calls are ignored.
+pub fn set_classes(py: Python<'_>, classes: Classes) {
+    let _ = CLASSES.set(py, classes);
+}
 
 /// The errors of the native layer. Python exception classes live in
 /// `catzilla.errors`; this is the only place that turns errors into them.
@@ -54,12 +71,12 @@ impl From<Error> for PyErr {
 }
 
 fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
-    let custom = |pick: fn(&super::runtime::Runtime) -> &Py<PyAny>, msg: String| match runtime(py) {
-        Ok(rt) => match pick(rt).bind(py).call1((msg.clone(),)) {
+    let custom = |pick: fn(&Classes) -> &Py<PyAny>, msg: String| match CLASSES.get(py) {
+        Some(classes) => match pick(classes).bind(py).call1((msg.clone(),)) {
             Ok(exc) => PyErr::from_value(exc),
             Err(err) => err,
         },
-        Err(_) => PyRuntimeError::new_err(msg),
+        None => PyRuntimeError::new_err(msg),
     };
     match e {
         Error::WrongType(arg, expected, got) => {
@@ -67,18 +84,18 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
         }
         Error::BadValue(arg, what) => PyValueError::new_err(format!("{arg} {what}")),
         Error::QueueFull(capacity) => custom(
-            |rt| &rt.queue_full_error,
+            |c| &c.queue_full,
             format!(
                 "task queue is full: {capacity} tasks are waiting (queue_size={capacity}); \
                  retry later or raise queue_size"
             ),
         ),
         Error::ShutDown => custom(
-            |rt| &rt.shutdown_error,
+            |c| &c.shutdown,
             "the background task engine is shut down and accepts no new tasks".to_string(),
         ),
         Error::Forked(pid) => custom(
-            |rt| &rt.shutdown_error,
+            |c| &c.shutdown,
             format!(
                 "this background task engine was started in process {pid} and does not run \
                  in this child process (pid {}) made by os.fork(); start a new engine in the \
@@ -86,12 +103,9 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
                 std::process::id()
             ),
         ),
-        Error::Storage(msg) => custom(|rt| &rt.storage_error, msg),
+        Error::Storage(msg) => custom(|c| &c.storage, msg),
         Error::Usage(msg) => PyValueError::new_err(msg),
-        Error::NotReady(id) => custom(
-            |rt| &rt.not_ready_error,
-            format!("task {id} has not finished yet"),
-        ),
+        Error::NotReady(id) => custom(|c| &c.not_ready, format!("task {id} has not finished yet")),
         Error::Timeout(msg) => pyo3::exceptions::PyTimeoutError::new_err(msg),
         Error::Reentrant(msg) => PyRuntimeError::new_err(msg),
         Error::NotInitialized => PyRuntimeError::new_err(

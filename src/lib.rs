@@ -1,7 +1,9 @@
 //! catzilla's native core, built as the extension module `catzilla._catzilla`.
 
 pub mod clock;
+pub mod errors;
 pub mod http;
+pub mod interpreter;
 pub mod py;
 pub mod store;
 pub mod tasks;

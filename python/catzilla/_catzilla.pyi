@@ -206,6 +206,7 @@ class Engine:
         default_timeout_ms: float,
         storage: str | None,
         storage_strict: bool,
+        flush_timeout: float,
     ) -> Self: ...
     def add_task(
         self,
@@ -226,7 +227,7 @@ class Engine:
         """The handle of a task the engine still retains, else None."""
     def get_stats(self) -> EngineStats:
         """A snapshot of every statistic."""
-    def _list(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskResult]:
+    def _list(self, status: TaskStatus | None, limit: int) -> list[TaskResult]:
         """Handles of retained tasks, newest first, filtered by status."""
     def _add_periodic(
         self,
@@ -249,26 +250,13 @@ class Engine:
         """Registers a periodic task (arguments already checked by ``catzilla.periodic``)."""
     def _periodic_tasks(self) -> list[PeriodicTask]:
         """The periodic tasks not cancelled, in the order they were added."""
-    def _stored_unfinished(self) -> list[dict[str, Any]]:
-        """Stored rows of unfinished tasks, oldest first."""
+    def _recover(self) -> tuple[list[str], list[str]]:
+        """Runs again the unfinished tasks of the store under their ids; returns
+        the ids resubmitted and the ids marked failed for good."""
     def _stored(self, task_id: str) -> dict[str, Any] | None:
         """One stored row by id."""
     def _stored_list(self, status: str | None, limit: int) -> list[dict[str, Any]]:
         """The newest stored rows."""
-    def _resubmit(
-        self,
-        task_id: str,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        priority: int,
-        delay_ms: float,
-        max_retries: int,
-        timeout_ms: float,
-    ) -> TaskResult:
-        """Runs a stored task again under its own id."""
-    def _store_fail(self, task_id: str, error_json: str) -> None:
-        """Marks a stored task failed for good."""
     def _flush(self, timeout: float) -> bool:
         """Waits until everything handed to the store is committed (True
         without storage); returns whether it was within ``timeout`` seconds."""
@@ -407,7 +395,7 @@ class Server:
         """Serves until ``request_shutdown``; runs Python signal handlers meanwhile."""
     def request_shutdown(self) -> None:
         """Makes ``serve`` return; safe from signal handlers and other threads."""
-    def stop(self, grace: float = 10.0) -> bool:
+    def stop(self, grace: float) -> bool:
         """Stops accepting and lets in-flight requests finish for ``grace`` seconds."""
 
 @final

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import time
 import traceback
 import weakref
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from .errors import (
     CatzillaError,
     EngineShutdownError,
     NonRetryableError,
+    NotRestartableError,
     StorageError,
     TaskCancelledError,
     TaskInterrupt,
@@ -58,6 +58,7 @@ __all__ = [
     "EngineStats",
     "NonRetryableError",
     "PeriodicTask",
+    "NotRestartableError",
     "StorageError",
     "TaskCancelledError",
     "TaskFunction",
@@ -155,8 +156,13 @@ class TaskFunction(Generic[P, R]):
 MAX_MS = 1.8e22
 #: Most retries a task can have (the native core counts them in 32 bits).
 MAX_RETRIES = 2**32 - 1
+#: The largest count the native core takes (a 64-bit size).
+MAX_COUNT = 2**64 - 1
 #: Most workers an engine can have.
 MAX_WORKERS = 1024
+#: How long lookups in the store and shutdown wait for it to commit what it
+#: was handed (seconds).
+STORE_FLUSH_TIMEOUT = 10.0
 
 
 def _check_number(name: str, value: float | None, *, integer: bool = False) -> None:
@@ -282,13 +288,7 @@ class TaskInfo:
         status = handle.status
         result = handle.result() if status is TaskStatus.COMPLETED else None
         exc = handle.exception()
-        error = None
-        if exc is not None:
-            error = {
-                "type": type(exc).__name__,
-                "message": str(exc),
-                "traceback": "".join(traceback.format_exception(exc)),
-            }
+        error = None if exc is None else error_record(exc)
         created = _timestamp(handle.created_at)
         assert created is not None
         return cls(
@@ -348,14 +348,17 @@ class TaskInfo:
 _report = reporter(logger)
 
 
+def error_record(exc: BaseException) -> dict[str, str]:
+    """How a task's error is shown and stored: ``{"type", "message", "traceback"}``."""
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
 def _encode_error(exc: BaseException) -> str:
-    return json.dumps(
-        {
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": "".join(traceback.format_exception(exc)),
-        }
-    )
+    return json.dumps(error_record(exc))
 
 
 def _resolve(name: str) -> Any:
@@ -400,7 +403,10 @@ _init_runtime(
         "await_result": _aio.await_result,
         "StorageError": StorageError,
         "json_dumps": json.dumps,
+        "json_loads": json.loads,
         "encode_error": _encode_error,
+        "resolve": _resolve,
+        "NotRestartableError": NotRestartableError,
     }
 )
 
@@ -522,6 +528,7 @@ class BackgroundTasks(Engine):
             default_timeout_ms=default_timeout_ms,
             storage=path,
             storage_strict=bool(storage_strict),
+            flush_timeout=STORE_FLUSH_TIMEOUT,
         )
         self.exit_timeout = exit_timeout
         self.config = {
@@ -613,8 +620,8 @@ class BackgroundTasks(Engine):
         retained ones, or with storage every stored one."""
         if isinstance(limit, bool) or not isinstance(limit, int):
             raise TypeError(f"limit must be an int >= 0, got {limit!r}")
-        if not 0 <= limit <= sys.maxsize:
-            raise ValueError(f"limit must be an int from 0 to {sys.maxsize}, got {limit!r}")
+        if not 0 <= limit <= MAX_COUNT:
+            raise ValueError(f"limit must be an int from 0 to {MAX_COUNT}, got {limit!r}")
         if status is not None and not isinstance(status, TaskStatus):
             raise TypeError(f"status must be a TaskStatus member or None, got {status!r}")
         if self._store_readable():
@@ -648,39 +655,7 @@ class BackgroundTasks(Engine):
         failed with the reason. Safe to call more than once.
 
         ``Catzilla.listen`` calls it before serving."""
-        resubmitted: list[str] = []
-        failed: list[str] = []
-        for row in self._stored_unfinished():
-            task_id = row["task_id"]
-            if self.get_result(task_id) is not None:
-                continue  # already in this run
-            reason = row["not_restartable"]
-            func: Any = None
-            if reason is None:
-                try:
-                    func = _resolve(row["name"])
-                except LookupError as exc:
-                    reason = str(exc)
-            if func is None or not callable(func):
-                error = {
-                    "type": "NotRestartable",
-                    "message": f"cannot run again after a restart: {reason or 'not callable'}",
-                    "traceback": "",
-                }
-                self._store_fail(task_id, json.dumps(error))
-                failed.append(task_id)
-                continue
-            self._resubmit(
-                task_id,
-                func,
-                tuple(json.loads(row["args"])),
-                json.loads(row["kwargs"]),
-                row["priority"],
-                max(0.0, (row["due_at"] - time.time()) * 1000),
-                row["max_retries"],
-                row["timeout_ms"],
-            )
-            resubmitted.append(task_id)
+        resubmitted, failed = self._recover()
         if resubmitted or failed:
             logger.warning(
                 "recovered %d unfinished task(s) from storage; %d could not run again",

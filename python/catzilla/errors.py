@@ -9,6 +9,7 @@ __all__ = [
     "EngineShutdownError",
     "HTTPError",
     "NonRetryableError",
+    "NotRestartableError",
     "StorageError",
     "TaskCancelledError",
     "TaskInterrupt",
@@ -49,6 +50,11 @@ class TaskPanicError(CatzillaError):
 
 class StorageError(CatzillaError):
     """The durable task store cannot be opened or read (unwritable, locked or corrupt)."""
+
+
+class NotRestartableError(CatzillaError):
+    """A stored task cannot run again after a restart (no stored arguments, or
+    its function no longer imports); ``recover()`` records it as its error."""
 
 
 class NonRetryableError(Exception):

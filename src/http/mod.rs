@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
-use crate::py::errors::Error;
+use crate::errors::Error;
 
 /// Python objects the web layer needs, handed over by `catzilla.web`.
 pub struct HttpRuntime {

@@ -28,8 +28,8 @@ use super::http_runtime;
 use super::request::Request;
 use super::response::{error_response, to_http, HttpResponse};
 use super::router::{Match, Router};
-use crate::py::runtime::{close_event_loop, is_awaitable, lazy_event_loop, ParkOnForcedUnwind};
-use crate::tasks::scheduler::due_after;
+use crate::clock::due_after;
+use crate::interpreter::{close_event_loop, is_awaitable, lazy_event_loop, ParkOnForcedUnwind};
 
 const BATCH_BUDGET: Duration = Duration::from_millis(2);
 
@@ -217,7 +217,6 @@ impl Server {
     /// Stops accepting, lets in-flight requests finish for up to `grace`
     /// seconds, then stops the handler threads. Returns whether every
     /// connection finished in time.
-    #[pyo3(signature = (grace=10.0))]
     fn stop(&self, py: Python<'_>, grace: f64) -> PyResult<bool> {
         self.stop_requested.raise();
         if self.stopped.swap(true, SeqCst) {

@@ -14,7 +14,7 @@ use super::runtime::runtime;
 use super::shared::Shared;
 use super::task::{Call, NewTask, Status};
 use crate::errors::{describe, Error};
-use crate::store::sqlite::Row;
+use crate::store::Row;
 
 /// `TaskFunction._catzilla_options`: the function, then its defaults.
 type TaskFunctionOptions<'py> = (
@@ -40,7 +40,7 @@ fn durable_row(
     delay: Duration,
 ) -> PyResult<Row> {
     let func = task.call.func.bind(py);
-    let name = super::shared::import_name(func);
+    let name = super::task::import_name(func);
     let mut reason = None;
     if name.contains("<lambda>") || name.contains("<locals>") {
         reason = Some(format!(
@@ -194,4 +194,3 @@ pub fn prepare(
     };
     Ok(Prepared { task, delay, row })
 }
-

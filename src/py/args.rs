@@ -5,7 +5,7 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt, PyString};
 
-use super::errors::{describe, Error, Result};
+use crate::errors::{describe, Error, Result};
 
 /// A number as `f64`. A bool or a non-number is a `WrongType`; an int too
 /// large for a double becomes an infinity of its sign, for the caller's range check.

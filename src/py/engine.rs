@@ -10,112 +10,34 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
+use super::admission::{prepare, timeout_of, TaskOptions};
 use super::args;
-use super::engine::{Counters, Defaults, Retention, Shared};
-use super::errors::{describe, Error, Result};
-use super::runtime::{close_event_loop, log_in_background, runtime};
-use super::stats::EngineStats;
-use super::task::{Call, Job, KeyMap, NewTask, Outcome, Status, TaskResult};
-use crate::store::sqlite::{Row, SqliteStore};
+use super::handle::TaskResult;
+use super::periodic::PeriodicsSlot;
+use super::runtime::{log_in_background, runtime};
+use super::shared::{Counters, Defaults, Retention, Shared};
+use super::stats::{EngineStats, MB};
+use super::task::{Job, KeyMap, Outcome, Status};
+use crate::errors::{describe, Error, Result};
+use crate::interpreter::close_event_loop;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Records;
 use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::{Pool, PoolConfig};
 use crate::tasks::scheduler::Scheduler;
 use crate::tasks::stats::{new_histogram, summary_ms, RateWindow, Sampler};
-use crate::tasks::sysinfo::resident_bytes;
 use crate::tasks::watchdog::Watchdog;
-
-const MB: f64 = 1024.0 * 1024.0;
-
-/// `TaskFunction._catzilla_options`: the function, then its defaults.
-type TaskFunctionOptions<'py> = (
-    Bound<'py, PyAny>,
-    Option<Bound<'py, PyAny>>,
-    Option<Bound<'py, PyAny>>,
-    Option<Bound<'py, PyAny>>,
-    Option<Bound<'py, PyAny>>,
-    Option<Bound<'py, PyAny>>,
-);
 
 #[pyclass(frozen, subclass, module = "catzilla._catzilla")]
 pub struct Engine {
     shared: Arc<Shared>,
     watchdog_thread: Mutex<Option<JoinHandle<()>>>,
     report: Mutex<Option<Py<PyDict>>>,
+    /// Periodic tasks and their thread, from the first one added.
+    periodics: PeriodicsSlot,
     /// Held while a shutdown runs; `stopper` names its thread.
     stopping: Mutex<()>,
     stopper: Mutex<Option<std::thread::ThreadId>>,
-}
-
-fn timeout_of(d: Duration) -> Option<Duration> {
-    (!d.is_zero()).then_some(d)
-}
-
-/// The store row of a new task: its import name and its arguments as JSON,
-/// or the reason it could not run again after a restart.
-fn durable_row(
-    py: Python<'_>,
-    rt: &super::runtime::Runtime,
-    shared: &Shared,
-    task: &NewTask,
-    delay: Duration,
-) -> PyResult<Row> {
-    let func = task.call.func.bind(py);
-    let name = super::engine::import_name(func);
-    let mut reason = None;
-    if name.contains("<lambda>") || name.contains("<locals>") {
-        reason = Some(format!(
-            "{name} is a lambda or a local function, which cannot be imported again"
-        ));
-    }
-    let dumps = rt.json_dumps.bind(py);
-    let args = match dumps.call1((task.call.args.bind(py),)) {
-        Ok(text) => Some(text.extract::<String>()?),
-        Err(err) => {
-            reason.get_or_insert_with(|| format!("its arguments are not JSON: {}", err.value(py)));
-            None
-        }
-    };
-    let kwargs = match &task.call.kwargs {
-        None => Some("{}".to_string()),
-        Some(k) => match dumps.call1((k.bind(py),)) {
-            Ok(text) => Some(text.extract::<String>()?),
-            Err(err) => {
-                reason.get_or_insert_with(|| {
-                    format!("its keyword arguments are not JSON: {}", err.value(py))
-                });
-                None
-            }
-        },
-    };
-    if shared.storage_strict {
-        if let Some(why) = &reason {
-            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
-                "func cannot be stored durably (storage_strict=True): {why}"
-            )));
-        }
-    }
-    let now = super::task::epoch_now();
-    Ok(Row {
-        task_id: super::task::format_id(task.prefix, task.seq),
-        name,
-        status: if delay.is_zero() {
-            "pending"
-        } else {
-            "scheduled"
-        }
-        .into(),
-        priority: task.lane as i64,
-        attempts: 0,
-        max_retries: i64::from(task.max_retries),
-        timeout_ms: task.timeout.map_or(0.0, |t| t.as_secs_f64() * 1000.0),
-        due_at: now + delay.as_secs_f64(),
-        progress: 0.0,
-        args: reason.is_none().then_some(args).flatten(),
-        kwargs: reason.is_none().then_some(kwargs).flatten(),
-        not_restartable: reason,
-        created_at: now,
-        ..Default::default()
-    })
 }
 
 #[pymethods]
@@ -124,7 +46,7 @@ impl Engine {
     #[pyo3(signature = (*, workers, min_workers, max_workers, queue_size, enable_auto_scaling,
         memory_pool_mb, enable_profiling, result_ttl, retry_backoff_ms, retry_backoff_cap_ms,
         starvation_ms, idle_timeout, default_priority, default_delay_ms, default_max_retries,
-        default_timeout_ms, storage, storage_strict))]
+        default_timeout_ms, storage, storage_strict, flush_timeout))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -146,6 +68,7 @@ impl Engine {
         default_timeout_ms: &Bound<'_, PyAny>,
         storage: Option<String>,
         storage_strict: bool,
+        flush_timeout: f64,
     ) -> PyResult<Self> {
         let rt = runtime(py)?;
         let secs = |name: &'static str, v: f64| -> Result<Duration> {
@@ -191,10 +114,11 @@ impl Engine {
             cap: secs("retry_backoff_cap_ms", retry_backoff_cap_ms / 1000.0)?,
         };
         let result_ttl = secs("result_ttl", result_ttl)?;
-        let store = match storage {
+        let flush_timeout = secs("flush_timeout", flush_timeout)?;
+        let store: Option<Arc<dyn Records>> = match storage {
             Some(path) => Some(Arc::new(
                 py.detach(|| SqliteStore::open(&path, result_ttl, Box::new(log_degraded)))
-                    .map_err(|e| PyErr::from_value(rt.make_error(py, &rt.storage_error, e.0)))?,
+                    .map_err(|e| Error::Storage(e.0))?,
             )),
             None => None,
         };
@@ -231,10 +155,10 @@ impl Engine {
             async_histogram: Mutex::new(async_histogram),
             sampler: Mutex::new(Sampler::new(first_sample, Duration::from_secs(1))),
             aio: Mutex::new(None),
-            periodics: Mutex::new(None),
             aio_closed: std::sync::atomic::AtomicBool::new(false),
             store,
             storage_strict,
+            flush_timeout,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             profiling: enable_profiling,
             profile: Mutex::new(HashMap::new()),
@@ -284,6 +208,7 @@ impl Engine {
             shared,
             watchdog_thread: Mutex::new(Some(watchdog_thread)),
             report: Mutex::new(None),
+            periodics: Mutex::new(None),
             stopping: Mutex::new(()),
             stopper: Mutex::new(None),
         })
@@ -360,13 +285,18 @@ impl Engine {
             missed,
             name,
         };
-        Ok(super::periodic::add(py, &self.shared, new)?)
+        Ok(super::periodic::add(
+            py,
+            &self.shared,
+            &self.periodics,
+            new,
+        )?)
     }
 
     /// The periodic tasks not cancelled, in the order they were added.
     fn _periodic_tasks(&self) -> PyResult<Vec<super::periodic::PeriodicTask>> {
         self.shared.born.check()?;
-        Ok(super::periodic::list(&self.shared))
+        Ok(super::periodic::list(&self.periodics))
     }
 
     /// The handle of a task by id, while the engine still retains it.
@@ -387,7 +317,7 @@ impl Engine {
 
     /// Handles of retained tasks, newest first, optionally only those whose
     /// status is `status` (a `TaskStatus` member), at most `limit` of them.
-    #[pyo3(signature = (status=None, limit=100))]
+    #[pyo3(signature = (status, limit))]
     fn _list(
         &self,
         py: Python<'_>,
@@ -415,14 +345,14 @@ impl Engine {
         jobs.truncate(limit);
         Ok(jobs
             .into_iter()
-            .map(|j| TaskResult::new(j, Arc::downgrade(&self.shared)))
+            .map(|j| TaskResult::of(j, &self.shared))
             .collect())
     }
 
     /// A snapshot of every statistic.
     fn get_stats(&self, py: Python<'_>) -> PyResult<EngineStats> {
         self.shared.born.check()?;
-        Ok(py.detach(|| self.stats()))
+        Ok(py.detach(|| EngineStats::read(&self.shared)))
     }
 
     /// Per-function run times, collected when `enable_profiling` is on.
@@ -461,35 +391,19 @@ impl Engine {
         Ok(out)
     }
 
-    /// Rows of unfinished tasks in the store (pending, scheduled, running,
-    /// retrying), oldest first; empty without storage.
-    fn _stored_unfinished<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    /// Runs again, under their own ids, the tasks an earlier run left
+    /// unfinished in the store; see `BackgroundTasks.recover`. Returns the
+    /// ids resubmitted and the ids marked failed for good.
+    fn _recover(&self, py: Python<'_>) -> PyResult<(Vec<String>, Vec<String>)> {
         self.shared.born.check()?;
-        let Some(store) = &self.shared.store else {
-            return Ok(Vec::new());
-        };
-        let rows = py
-            .detach(|| {
-                store.flush(Duration::from_secs(10));
-                store.load(&["pending", "scheduled", "running", "retrying"])
-            })
-            .map_err(|e| storage_err(py, e.0))?;
-        rows.iter().map(|r| row_dict(py, r)).collect()
+        let done = super::store_bridge::recover(py, &self.shared)?;
+        Ok((done.resubmitted, done.failed))
     }
 
     /// One stored row by id, or None.
     fn _stored<'py>(&self, py: Python<'py>, task_id: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
         self.shared.born.check()?;
-        let Some(store) = &self.shared.store else {
-            return Ok(None);
-        };
-        let row = py
-            .detach(|| {
-                store.flush(Duration::from_secs(10));
-                store.get(task_id)
-            })
-            .map_err(|e| storage_err(py, e.0))?;
-        row.map(|r| row_dict(py, &r)).transpose()
+        super::store_bridge::stored(py, &self.shared, task_id)
     }
 
     /// The newest stored rows, optionally with one status (its value text).
@@ -501,83 +415,7 @@ impl Engine {
         limit: usize,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.shared.born.check()?;
-        let Some(store) = &self.shared.store else {
-            return Ok(Vec::new());
-        };
-        let rows = py
-            .detach(|| {
-                store.flush(Duration::from_secs(10));
-                store.list(status.as_deref(), limit)
-            })
-            .map_err(|e| storage_err(py, e.0))?;
-        rows.iter().map(|r| row_dict(py, r)).collect()
-    }
-
-    /// Runs a stored task again under its own id (restart recovery).
-    #[pyo3(signature = (task_id, func, args, kwargs, priority, delay_ms, max_retries, timeout_ms))]
-    #[allow(clippy::too_many_arguments)]
-    fn _resubmit(
-        &self,
-        task_id: &str,
-        func: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-        kwargs: &Bound<'_, PyDict>,
-        priority: usize,
-        delay_ms: f64,
-        max_retries: u32,
-        timeout_ms: f64,
-    ) -> PyResult<TaskResult> {
-        self.shared.born.check()?;
-        let Some((prefix, seq)) = super::task::parse_id(task_id) else {
-            return Err(
-                Error::BadValue("task_id", format!("is not a task id: {task_id:?}")).into(),
-            );
-        };
-        let delay = Duration::try_from_secs_f64(delay_ms.max(0.0) / 1000.0).unwrap_or_default();
-        let timeout = Duration::try_from_secs_f64(timeout_ms.max(0.0) / 1000.0).unwrap_or_default();
-        let task = NewTask {
-            seq,
-            prefix,
-            lane: priority.min(3),
-            max_retries,
-            timeout: timeout_of(timeout),
-            delayed: !delay.is_zero(),
-            footprint: 200 + 8 * args.len() as u64,
-            call: Call {
-                func: func.clone().unbind(),
-                args: args.clone().unbind(),
-                kwargs: (!kwargs.is_empty()).then(|| kwargs.clone().unbind()),
-                no_retry: None,
-            },
-            callbacks: Vec::new(),
-        };
-        let job = self.shared.submit(task, delay, None)?;
-        if let Some(store) = &self.shared.store {
-            store.waiting(
-                job.id(),
-                if delay.is_zero() {
-                    "pending"
-                } else {
-                    "scheduled"
-                },
-            );
-        }
-        Ok(TaskResult::of(job, &self.shared))
-    }
-
-    /// Marks a stored task failed for good, with the reason.
-    fn _store_fail(&self, task_id: String, error_json: String) -> PyResult<()> {
-        self.shared.born.check()?;
-        if let Some(store) = &self.shared.store {
-            store.finished(
-                task_id,
-                "failed",
-                None,
-                Some(error_json),
-                super::task::epoch_now(),
-            );
-        }
-        Ok(())
+        super::store_bridge::stored_list(py, &self.shared, status.as_deref(), limit)
     }
 
     /// Waits until everything handed to the store is committed; returns
@@ -622,7 +460,7 @@ impl Engine {
         if let Some(aio) = self.shared.aio.try_lock() {
             visit.call(&*aio)?;
         }
-        if let Some(periodics) = self.shared.periodics.try_lock() {
+        if let Some(periodics) = self.periodics.try_lock() {
             if let Some(p) = periodics.as_ref() {
                 p.traverse(&visit)?;
             }
@@ -639,7 +477,7 @@ impl Engine {
             let forgotten = std::mem::take(&mut *shard.lock());
             drop(forgotten);
         }
-        let periodics = self.shared.periodics.lock().clone();
+        let periodics = self.periodics.lock().clone();
         if let Some(p) = periodics {
             p.clear();
         }
@@ -725,8 +563,8 @@ impl Engine {
     ) -> PyResult<(Py<PyDict>, Option<PyErr>)> {
         let rt = runtime(py)?;
         let shared = &self.shared;
-        let deadline = crate::tasks::scheduler::due_after(Instant::now(), timeout);
-        let periodics = shared.periodics.lock().clone();
+        let deadline = crate::clock::due_after(Instant::now(), timeout);
+        let periodics = self.periodics.lock().clone();
         if let Some(p) = periodics {
             p.stop(py);
         }
@@ -837,9 +675,9 @@ impl Engine {
         // closed now, and the file is the program's again (to delete, say).
         if let Some(store) = &shared.store {
             if running.is_empty() {
-                py.detach(|| store.close(Duration::from_secs(10)));
+                py.detach(|| store.close(shared.flush_timeout));
             } else {
-                py.detach(|| store.flush(Duration::from_secs(10)));
+                py.detach(|| store.flush(shared.flush_timeout));
             }
         }
         let report = PyDict::new(py);
@@ -847,87 +685,6 @@ impl Engine {
         report.set_item("cancelled", PyList::new(py, &cancelled)?)?;
         report.set_item("still_running", PyList::new(py, &running)?)?;
         Ok((report.unbind(), interrupted))
-    }
-
-    fn stats(&self) -> EngineStats {
-        let shared = &self.shared;
-        let now = Instant::now();
-        shared.evict(now);
-        let depths = shared.sched.depths();
-        let pool = shared.pool().map(|p| p.snapshot()).unwrap_or_default();
-        let usage = {
-            let sample = shared.sample(pool.cpu_ns, pool.busy_ns);
-            shared.sampler.lock().usage(sample, pool.live.max(1))
-        };
-        let mut merged = shared.async_histogram.lock().clone();
-        if let Some(p) = shared.pool() {
-            for slot in p.slots().iter() {
-                let _ = merged.add(&*slot.histogram.lock());
-            }
-        }
-        let (avg, p95, p99) = summary_ms(&merged);
-        let c = &shared.counters;
-        let completed = c.completed.load(SeqCst);
-        let failed = c.failed.load(SeqCst);
-        let (retained, retained_bytes) = shared.retained();
-        let ready = depths.ready();
-        let total_queued = ready + depths.scheduled;
-        let pool_mb = shared.pool_bytes as f64 / MB;
-        let retained_mb = retained_bytes as f64 / MB;
-        EngineStats {
-            critical_queue_size: depths.lanes[0],
-            high_queue_size: depths.lanes[1],
-            normal_queue_size: depths.lanes[2],
-            low_queue_size: depths.lanes[3],
-            scheduled_tasks: depths.scheduled,
-            total_queued,
-            queue_pressure: if shared.queue_size == 0 {
-                100.0
-            } else {
-                total_queued as f64 * 100.0 / shared.queue_size as f64
-            },
-            running_tasks: depths.in_flight,
-            async_tasks_running: c.async_running.load(SeqCst),
-            active_workers: pool.busy,
-            idle_workers: pool.live.saturating_sub(pool.busy),
-            total_workers: pool.live,
-            avg_worker_utilization: usage.utilization,
-            tasks_per_second: shared.rate.lock().per_second(now),
-            avg_execution_time_ms: avg,
-            p95_execution_time_ms: p95,
-            p99_execution_time_ms: p99,
-            memory_usage_mb: resident_bytes() as f64 / MB,
-            memory_efficiency: if pool_mb > 0.0 {
-                (100.0 - retained_mb * 100.0 / pool_mb).clamp(0.0, 100.0)
-            } else {
-                0.0
-            },
-            worker_cpu_usage: usage.worker_cpu,
-            worker_memory_usage: c.pending_bytes.load(SeqCst) as f64 / MB,
-            engine_cpu_usage: usage.process_cpu,
-            engine_memory_usage: retained_mb,
-            total_tasks_submitted: c.submitted.load(SeqCst),
-            total_tasks_processed: completed,
-            failed_tasks: failed,
-            cancelled_tasks: c.cancelled.load(SeqCst),
-            retry_count: c.retried.load(SeqCst),
-            timeout_count: c.timed_out.load(SeqCst),
-            rejected_tasks: c.rejected.load(SeqCst),
-            error_rate: if completed + failed == 0 {
-                0.0
-            } else {
-                failed as f64 * 100.0 / (completed + failed) as f64
-            },
-            retained_results: retained,
-            evicted_results: c.evicted.load(SeqCst),
-            starvation_promotions: depths.promoted,
-            workers_started: pool.grown,
-            workers_stopped: pool.shrunk,
-            panics_contained: c.panicked.load(SeqCst),
-            storage_degraded: shared.store.as_ref().is_some_and(|s| s.is_degraded()),
-            storage_error: shared.store.as_ref().and_then(|s| s.failure()),
-            uptime_seconds: now.duration_since(shared.origin).as_secs_f64(),
-        }
     }
 }
 
@@ -945,102 +702,6 @@ impl Drop for Engine {
     }
 }
 
-/// Per-call options of `add_task`; None takes the task's or engine's default.
-pub struct TaskOptions<'a, 'py> {
-    pub priority: Option<&'a Bound<'py, PyAny>>,
-    pub delay_ms: Option<&'a Bound<'py, PyAny>>,
-    pub max_retries: Option<&'a Bound<'py, PyAny>>,
-    pub timeout_ms: Option<&'a Bound<'py, PyAny>>,
-}
-
-/// A task ready to submit: made under the GIL, submitted without it.
-pub struct Prepared {
-    pub task: NewTask,
-    pub delay: Duration,
-    pub row: Option<Row>,
-}
-
-/// Checks and builds a task with `add_task`'s rules (defaults, `@task`
-/// options, the durable row); the engine's `add_task` and each periodic run
-/// come through here.
-pub fn prepare(
-    py: Python<'_>,
-    shared: &Arc<Shared>,
-    func: &Bound<'_, PyAny>,
-    args: &Bound<'_, PyTuple>,
-    kwargs: Option<&Bound<'_, PyDict>>,
-    options: TaskOptions<'_, '_>,
-) -> PyResult<Prepared> {
-    let TaskOptions {
-        priority,
-        delay_ms,
-        max_retries,
-        timeout_ms,
-    } = options;
-    let rt = runtime(py)?;
-    let d = &shared.defaults;
-    let (mut lane, mut delay, mut retries, mut timeout) =
-        (d.lane, d.delay, d.max_retries, d.timeout);
-    let mut no_retry = None;
-    let mut func = func.clone();
-    if func.get_type().is(rt.task_function_type.bind(py)) {
-        let opts = func.getattr("_catzilla_options")?;
-        let (inner, p, dl, mr, to, nr): TaskFunctionOptions<'_> = opts.extract()?;
-        if let Some(p) = p {
-            lane = shared.parse_lane(rt, &p)?;
-        }
-        if let Some(dl) = dl {
-            delay = args::millis("delay_ms", &dl)?;
-        }
-        if let Some(mr) = mr {
-            retries = args::count("max_retries", &mr)?;
-        }
-        if let Some(to) = to {
-            timeout = timeout_of(args::millis("timeout_ms", &to)?);
-        }
-        no_retry = nr.map(Bound::unbind);
-        func = inner;
-    }
-    if !func.is_callable() {
-        return Err(Error::WrongType("func", "callable", describe(&func)).into());
-    }
-    if let Some(p) = priority {
-        lane = shared.parse_lane(rt, p)?;
-    }
-    if let Some(v) = delay_ms {
-        delay = args::millis("delay_ms", v)?;
-    }
-    if let Some(v) = max_retries {
-        retries = args::count("max_retries", v)?;
-    }
-    if let Some(v) = timeout_ms {
-        timeout = timeout_of(args::millis("timeout_ms", v)?);
-    }
-    let kw_len = kwargs.map_or(0, |k| k.len()) as u64;
-    let footprint = 200 + 8 * args.len() as u64 + if kw_len > 0 { 100 + 48 * kw_len } else { 0 };
-    let task = NewTask {
-        seq: shared.next_seq.fetch_add(1, SeqCst),
-        prefix: shared.prefix,
-        lane,
-        max_retries: retries,
-        timeout,
-        delayed: !delay.is_zero(),
-        footprint,
-        call: Call {
-            func: func.unbind(),
-            args: args.clone().unbind(),
-            kwargs: kwargs.filter(|k| !k.is_empty()).map(|k| k.clone().unbind()),
-            no_retry,
-        },
-        callbacks: Vec::new(),
-    };
-    let row = match &shared.store {
-        Some(_) => Some(durable_row(py, rt, shared, &task, delay)?),
-        None => None,
-    };
-    Ok(Prepared { task, delay, row })
-}
-
 /// Logs, once, that the store stopped taking writes. Called on the store's
 /// thread, which never attaches: dropping a store joins it under the GIL.
 fn log_degraded(reason: &str) {
@@ -1055,34 +716,4 @@ fn preview(ids: &[String]) -> String {
     } else {
         shown.join(", ")
     }
-}
-
-fn storage_err(py: Python<'_>, message: String) -> PyErr {
-    match runtime(py) {
-        Ok(rt) => PyErr::from_value(rt.make_error(py, &rt.storage_error, message)),
-        Err(e) => e.into(),
-    }
-}
-
-fn row_dict<'py>(py: Python<'py>, r: &Row) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("task_id", &r.task_id)?;
-    d.set_item("name", &r.name)?;
-    d.set_item("status", &r.status)?;
-    d.set_item("priority", r.priority)?;
-    d.set_item("attempts", r.attempts)?;
-    d.set_item("max_retries", r.max_retries)?;
-    d.set_item("timeout_ms", r.timeout_ms)?;
-    d.set_item("due_at", r.due_at)?;
-    d.set_item("progress", r.progress)?;
-    d.set_item("current_step", &r.current_step)?;
-    d.set_item("args", &r.args)?;
-    d.set_item("kwargs", &r.kwargs)?;
-    d.set_item("not_restartable", &r.not_restartable)?;
-    d.set_item("result", &r.result)?;
-    d.set_item("error", &r.error)?;
-    d.set_item("created_at", r.created_at)?;
-    d.set_item("started_at", r.started_at)?;
-    d.set_item("finished_at", r.finished_at)?;
-    Ok(d)
 }

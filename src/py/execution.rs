@@ -4,7 +4,7 @@
 //! task; timeouts, panics and the thread's life with the interpreter.
 
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
@@ -16,7 +16,7 @@ use super::task::{epoch_now, import_name, Job, Outcome, Status};
 use crate::interpreter::{is_awaitable, lazy_event_loop, ParkOnForcedUnwind};
 use crate::tasks::pool::{Runner, WorkerSlot};
 use crate::tasks::scheduler::Pop;
-use crate::tasks::stats::record_micros;
+use crate::tasks::stats::{new_histogram, record_micros};
 
 /// NOTE: a worker runs ready tasks back to back for up to 2 ms under one
 /// attach; with 5 ms (CPython's switch interval) other threads waited too long.
@@ -205,7 +205,7 @@ impl Shared {
             } else {
                 Status::Retrying
             });
-            match self.sched.retry(job.lane, job.clone(), delay) {
+            match self.sched.requeue(job.lane, job.clone(), delay) {
                 Ok(()) => {
                     self.counters.retried.fetch_add(1, SeqCst);
                     if let Some(store) = &self.store {
@@ -218,14 +218,13 @@ impl Shared {
         }
         self.complete(py, job, Status::Failed, Outcome::Error(exc.unbind()), true);
     }
-
 }
 
 impl Runner<Job> for Shared {
     fn run(&self, slot: &WorkerSlot, first: Job, more: &mut dyn FnMut() -> Option<Job>) {
         Python::attach(|py| {
             let Ok(rt) = runtime(py) else {
-                self.sched.finish(1);
+                self.sched.ack(1);
                 return;
             };
             let started = Instant::now();

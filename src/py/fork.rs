@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use pyo3::prelude::*;
 
-use super::errors::{Error, Result};
+use crate::errors::{Error, Result};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 

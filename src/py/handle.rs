@@ -54,7 +54,6 @@ pub fn _current_task() -> Option<TaskResult> {
     })
 }
 
-
 #[pyclass(frozen, weakref, module = "catzilla._catzilla")]
 pub struct TaskResult {
     pub state: Job,
@@ -144,7 +143,7 @@ impl TaskResult {
                 .or_else(|| inner.func.as_ref().map(|f| f.clone_ref(py)))
         };
         Ok(func
-            .map(|f| super::shared::import_name(f.bind(py)))
+            .map(|f| super::task::import_name(f.bind(py)))
             .unwrap_or_default())
     }
 
@@ -332,4 +331,3 @@ impl TaskResult {
         )
     }
 }
-

@@ -1,27 +1,30 @@
 //! The PyO3 layer: adapts the pure core in `tasks` to Python.
 
+pub mod admission;
 pub mod args;
-pub mod background;
 pub mod engine;
-pub mod errors;
+pub mod execution;
 pub mod fork;
+pub mod handle;
 pub mod periodic;
 pub mod runtime;
+pub mod shared;
 pub mod stats;
+pub mod store_bridge;
 pub mod task;
 
 use pyo3::prelude::*;
 
 pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<background::Engine>()?;
-    m.add_class::<task::TaskResult>()?;
+    m.add_class::<engine::Engine>()?;
+    m.add_class::<handle::TaskResult>()?;
     m.add_class::<stats::EngineStats>()?;
-    m.add_class::<engine::AsyncDone>()?;
+    m.add_class::<execution::AsyncDone>()?;
     m.add_class::<periodic::PeriodicTask>()?;
     m.add_class::<periodic::RunEnded>()?;
     m.add_function(wrap_pyfunction!(runtime::_init_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_probe, m)?)?;
-    m.add_function(wrap_pyfunction!(task::_current_task, m)?)?;
+    m.add_function(wrap_pyfunction!(handle::_current_task, m)?)?;
     m.add_function(wrap_pyfunction!(fork::_after_fork_in_child, m)?)?;
     Ok(())
 }

@@ -15,11 +15,13 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use super::background::{prepare, Prepared, TaskOptions};
-use super::engine::Shared;
-use super::errors::{describe, Error, Result};
-use super::runtime::{runtime, ParkOnForcedUnwind};
-use super::task::{epoch_now, format_id, Job, Status, TaskResult};
+use super::admission::{prepare, Prepared, TaskOptions};
+use super::handle::TaskResult;
+use super::runtime::runtime;
+use super::shared::Shared;
+use super::task::{epoch_now, format_id, Job, Status};
+use crate::errors::{describe, Error, Result};
+use crate::interpreter::ParkOnForcedUnwind;
 use crate::tasks::backoff::Rng;
 use crate::tasks::periodic::{instant_of, Missed, Spec, Ticker};
 
@@ -57,6 +59,9 @@ struct State {
     /// one without waiting for the GIL.
     ahead: Vec<Prepared>,
 }
+
+/// Where an engine keeps its `Periodics`, made with its first schedule.
+pub type PeriodicsSlot = Mutex<Option<Arc<Periodics>>>;
 
 /// The schedules of one engine and the thread that fires them.
 pub struct Periodics {
@@ -182,7 +187,12 @@ pub struct NewSchedule<'py> {
 }
 
 /// Registers a schedule on the engine and arms its first run.
-pub fn add(py: Python<'_>, shared: &Arc<Shared>, new: NewSchedule<'_>) -> Result<PeriodicTask> {
+pub fn add(
+    py: Python<'_>,
+    shared: &Arc<Shared>,
+    slot: &PeriodicsSlot,
+    new: NewSchedule<'_>,
+) -> Result<PeriodicTask> {
     let rt = runtime(py)?;
     if !new.func.is_callable() {
         return Err(Error::WrongType("func", "callable", describe(&new.func)));
@@ -257,7 +267,7 @@ pub fn add(py: Python<'_>, shared: &Arc<Shared>, new: NewSchedule<'_>) -> Result
     if let Some(v) = &new.timeout_ms {
         super::args::millis("timeout_ms", v)?;
     }
-    let periodics = periodics_of(shared)?;
+    let periodics = periodics_of(shared, slot)?;
     // Checked before the store records the schedule under this name, and
     // again as it is added (another thread may have taken the name meanwhile).
     periodics.name_free(&new.name)?;
@@ -320,8 +330,8 @@ pub fn add(py: Python<'_>, shared: &Arc<Shared>, new: NewSchedule<'_>) -> Result
 }
 
 /// The engine's schedules, in the order they were added (cancelled ones left out).
-pub fn list(shared: &Shared) -> Vec<PeriodicTask> {
-    let Some(periodics) = shared.periodics.lock().clone() else {
+pub fn list(slot: &PeriodicsSlot) -> Vec<PeriodicTask> {
+    let Some(periodics) = slot.lock().clone() else {
         return Vec::new();
     };
     let mut all: Vec<Arc<Schedule>> = periodics.schedules.lock().values().cloned().collect();
@@ -335,11 +345,11 @@ pub fn list(shared: &Shared) -> Vec<PeriodicTask> {
 }
 
 /// The engine's `Periodics`, with its thread started on first use.
-fn periodics_of(shared: &Arc<Shared>) -> Result<Arc<Periodics>> {
+fn periodics_of(shared: &Arc<Shared>, slot: &PeriodicsSlot) -> Result<Arc<Periodics>> {
     if shared.sched.is_closed() {
         return Err(Error::ShutDown);
     }
-    let mut slot = shared.periodics.lock();
+    let mut slot = slot.lock();
     if let Some(p) = slot.as_ref() {
         return Ok(p.clone());
     }
@@ -460,7 +470,7 @@ fn submit_run(
         row.task_id = task_id.to_string();
         row.created_at = now;
         row.due_at = now;
-        row.status = "pending".to_string();
+        row.status = Status::Pending.as_str().to_string();
     }
     let job = shared.submit(run.task, run.delay, run.row)?;
     let previous = {

@@ -5,14 +5,13 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
-use super::errors::{Error, Result};
+use crate::errors::{Classes, Error, Result};
+use crate::interpreter::ParkOnForcedUnwind;
+use crate::tasks::status::Status;
 
 pub struct Runtime {
     pub priorities: Vec<Py<PyAny>>,
     pub statuses: Vec<Py<PyAny>>,
-    pub queue_full_error: Py<PyAny>,
-    pub shutdown_error: Py<PyAny>,
-    pub not_ready_error: Py<PyAny>,
     pub timeout_error: Py<PyAny>,
     pub cancelled_error: Py<PyAny>,
     pub panic_error: Py<PyAny>,
@@ -23,9 +22,12 @@ pub struct Runtime {
     pub event_loop: Py<PyAny>,
     pub report: Py<PyAny>,
     pub await_result: Py<PyAny>,
-    pub storage_error: Py<PyAny>,
     pub json_dumps: Py<PyAny>,
+    pub json_loads: Py<PyAny>,
     pub encode_error: Py<PyAny>,
+    /// `module.qualname` -> the object it names, or LookupError.
+    pub resolve: Py<PyAny>,
+    pub not_restartable_error: Py<PyAny>,
 }
 
 static RUNTIME: PyOnceLock<Runtime> = PyOnceLock::new();
@@ -55,9 +57,6 @@ pub fn _init_runtime(spec: &Bound<'_, PyDict>) -> PyResult<()> {
     let rt = Runtime {
         priorities: items(spec, "priorities")?,
         statuses: items(spec, "statuses")?,
-        queue_full_error: item(spec, "TaskQueueFullError")?,
-        shutdown_error: item(spec, "EngineShutdownError")?,
-        not_ready_error: item(spec, "TaskNotReadyError")?,
         timeout_error: item(spec, "TaskTimeoutError")?,
         cancelled_error: item(spec, "TaskCancelledError")?,
         panic_error: item(spec, "TaskPanicError")?,
@@ -68,15 +67,38 @@ pub fn _init_runtime(spec: &Bound<'_, PyDict>) -> PyResult<()> {
         event_loop: item(spec, "EventLoopThread")?,
         report: item(spec, "report")?,
         await_result: item(spec, "await_result")?,
-        storage_error: item(spec, "StorageError")?,
         json_dumps: item(spec, "json_dumps")?,
+        json_loads: item(spec, "json_loads")?,
         encode_error: item(spec, "encode_error")?,
+        resolve: item(spec, "resolve")?,
+        not_restartable_error: item(spec, "NotRestartableError")?,
     };
-    if rt.priorities.len() != 4 || rt.statuses.len() != super::task::STATUS_COUNT {
+    if rt.priorities.len() != 4 {
         return Err(pyo3::exceptions::PyValueError::new_err(
-            "runtime spec: expected 4 priorities and 7 statuses",
+            "runtime spec: expected 4 priorities",
         ));
     }
+    // The Python enum and the store spell statuses as `Status::as_str` does.
+    let values: Vec<String> = rt
+        .statuses
+        .iter()
+        .map(|s| s.bind(py).getattr("value")?.extract())
+        .collect::<PyResult<_>>()?;
+    let expected: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+    if values != expected {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "runtime spec: TaskStatus values {values:?} differ from the core's {expected:?}"
+        )));
+    }
+    crate::errors::set_classes(
+        py,
+        Classes {
+            queue_full: item(spec, "TaskQueueFullError")?,
+            shutdown: item(spec, "EngineShutdownError")?,
+            not_ready: item(spec, "TaskNotReadyError")?,
+            storage: item(spec, "StorageError")?,
+        },
+    );
     let _ = RUNTIME.set(py, rt);
     Ok(())
 }
@@ -135,103 +157,5 @@ pub fn log_in_background(level: &'static str, message: String) {
         });
     if let Err(e) = spawned {
         eprintln!("catzilla: cannot start a thread to log ({e})");
-    }
-}
-
-/// Whether a value a task or handler returned must be awaited: a coroutine
-/// or another awaitable. Common plain results are ruled out by exact type
-/// first, so they never pay for the attribute lookup.
-pub fn is_awaitable(value: &Bound<'_, PyAny>) -> bool {
-    use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
-    if value.is_none()
-        || value.is_exact_instance_of::<PyDict>()
-        || value.is_exact_instance_of::<PyString>()
-        || value.is_exact_instance_of::<PyInt>()
-        || value.is_exact_instance_of::<PyList>()
-        || value.is_exact_instance_of::<PyFloat>()
-        || value.is_exact_instance_of::<PyBool>()
-        || value.is_exact_instance_of::<PyTuple>()
-    {
-        return false;
-    }
-    value.get_type().hasattr("__await__").unwrap_or(false)
-}
-
-/// The event loop thread kept in `cell`, started with `factory()` on first
-/// use. Once `closed` is set (under the cell's lock, by shutdown) no loop is
-/// started any more and this raises `RuntimeError`.
-///
-/// NOTE: the loop is created without holding the lock: starting its thread
-/// releases the GIL, and a thread blocked on the lock while holding the GIL
-/// would deadlock with it. If two threads race, the loser's loop is stopped.
-pub fn lazy_event_loop(
-    py: Python<'_>,
-    cell: &parking_lot::Mutex<Option<Py<PyAny>>>,
-    closed: &std::sync::atomic::AtomicBool,
-    factory: &Py<PyAny>,
-) -> PyResult<Py<PyAny>> {
-    use std::sync::atomic::Ordering::SeqCst;
-    let shut = || {
-        pyo3::exceptions::PyRuntimeError::new_err(
-            "the event loop is shut down: no coroutine can start any more",
-        )
-    };
-    {
-        let slot = cell.lock();
-        if let Some(l) = slot.as_ref() {
-            return Ok(l.clone_ref(py));
-        }
-        if closed.load(SeqCst) {
-            return Err(shut());
-        }
-    }
-    let created = factory.bind(py).call0()?.unbind();
-    let mut slot = cell.lock();
-    if closed.load(SeqCst) || slot.is_some() {
-        let existing = slot.as_ref().map(|l| l.clone_ref(py));
-        drop(slot);
-        created.bind(py).call_method1("stop", (0.0,))?;
-        return existing.ok_or_else(shut);
-    }
-    *slot = Some(created.clone_ref(py));
-    Ok(created)
-}
-
-/// Closes `cell` for good and hands back the loop it held, to be stopped.
-pub fn close_event_loop(
-    cell: &parking_lot::Mutex<Option<Py<PyAny>>>,
-    closed: &std::sync::atomic::AtomicBool,
-) -> Option<Py<PyAny>> {
-    let mut slot = cell.lock();
-    closed.store(true, std::sync::atomic::Ordering::SeqCst);
-    slot.take()
-}
-
-/// Parks the thread forever if it is unwound by something other than a Rust
-/// panic. Create it before running Python code on a thread and `disarm` it
-/// after.
-///
-/// NOTE: while the interpreter finalizes, CPython (before 3.14) ends any
-/// thread that takes the GIL back (a task returning from `time.sleep`, say)
-/// with `pthread_exit`, a forced unwind. Rust cannot catch that unwind: a
-/// `catch_unwind` on the way (ours, PyO3's or the thread's own) aborts the
-/// whole process. Parking here stops the unwind before any of them; the
-/// process is exiting anyway. PyO3 does the same in its own attach paths.
-pub struct ParkOnForcedUnwind;
-
-impl ParkOnForcedUnwind {
-    pub fn disarm(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for ParkOnForcedUnwind {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            return;
-        }
-        loop {
-            std::thread::park();
-        }
     }
 }

@@ -1,7 +1,16 @@
 //! `EngineStats`: one consistent reading of the engine's measurements.
 
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Instant;
+
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+
+use super::shared::Shared;
+use crate::tasks::stats::summary_ms;
+use crate::tasks::sysinfo::resident_bytes;
+
+pub const MB: f64 = 1024.0 * 1024.0;
 
 macro_rules! engine_stats {
     ($( $(#[$doc:meta])* $name:ident : $ty:ty ),* $(,)?) => {
@@ -91,4 +100,87 @@ engine_stats! {
     /// Why durable storage stopped, once it has; None otherwise.
     storage_error: Option<String>,
     uptime_seconds: f64,
+}
+
+impl EngineStats {
+    /// Reads every statistic of `shared` now; needs no GIL.
+    pub fn read(shared: &Shared) -> Self {
+        let now = Instant::now();
+        shared.evict(now);
+        let depths = shared.sched.depths();
+        let pool = shared.pool().map(|p| p.snapshot()).unwrap_or_default();
+        let usage = {
+            let sample = shared.sample(pool.cpu_ns, pool.busy_ns);
+            shared.sampler.lock().usage(sample, pool.live.max(1))
+        };
+        let mut merged = shared.async_histogram.lock().clone();
+        if let Some(p) = shared.pool() {
+            for slot in p.slots().iter() {
+                let _ = merged.add(&*slot.histogram.lock());
+            }
+        }
+        let (avg, p95, p99) = summary_ms(&merged);
+        let c = &shared.counters;
+        let completed = c.completed.load(SeqCst);
+        let failed = c.failed.load(SeqCst);
+        let (retained, retained_bytes) = shared.retained();
+        let ready = depths.ready();
+        let total_queued = ready + depths.scheduled;
+        let pool_mb = shared.pool_bytes as f64 / MB;
+        let retained_mb = retained_bytes as f64 / MB;
+        Self {
+            critical_queue_size: depths.lanes[0],
+            high_queue_size: depths.lanes[1],
+            normal_queue_size: depths.lanes[2],
+            low_queue_size: depths.lanes[3],
+            scheduled_tasks: depths.scheduled,
+            total_queued,
+            queue_pressure: if shared.queue_size == 0 {
+                100.0
+            } else {
+                total_queued as f64 * 100.0 / shared.queue_size as f64
+            },
+            running_tasks: depths.in_flight,
+            async_tasks_running: c.async_running.load(SeqCst),
+            active_workers: pool.busy,
+            idle_workers: pool.live.saturating_sub(pool.busy),
+            total_workers: pool.live,
+            avg_worker_utilization: usage.utilization,
+            tasks_per_second: shared.rate.lock().per_second(now),
+            avg_execution_time_ms: avg,
+            p95_execution_time_ms: p95,
+            p99_execution_time_ms: p99,
+            memory_usage_mb: resident_bytes() as f64 / MB,
+            memory_efficiency: if pool_mb > 0.0 {
+                (100.0 - retained_mb * 100.0 / pool_mb).clamp(0.0, 100.0)
+            } else {
+                0.0
+            },
+            worker_cpu_usage: usage.worker_cpu,
+            worker_memory_usage: c.pending_bytes.load(SeqCst) as f64 / MB,
+            engine_cpu_usage: usage.process_cpu,
+            engine_memory_usage: retained_mb,
+            total_tasks_submitted: c.submitted.load(SeqCst),
+            total_tasks_processed: completed,
+            failed_tasks: failed,
+            cancelled_tasks: c.cancelled.load(SeqCst),
+            retry_count: c.retried.load(SeqCst),
+            timeout_count: c.timed_out.load(SeqCst),
+            rejected_tasks: c.rejected.load(SeqCst),
+            error_rate: if completed + failed == 0 {
+                0.0
+            } else {
+                failed as f64 * 100.0 / (completed + failed) as f64
+            },
+            retained_results: retained,
+            evicted_results: c.evicted.load(SeqCst),
+            starvation_promotions: depths.promoted,
+            workers_started: pool.grown,
+            workers_stopped: pool.shrunk,
+            panics_contained: c.panicked.load(SeqCst),
+            storage_degraded: shared.store.as_ref().is_some_and(|s| s.is_degraded()),
+            storage_error: shared.store.as_ref().and_then(|s| s.failure()),
+            uptime_seconds: now.duration_since(shared.origin).as_secs_f64(),
+        }
+    }
 }

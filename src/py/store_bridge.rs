@@ -12,7 +12,7 @@ use super::runtime::{runtime, Runtime};
 use super::shared::Shared;
 use super::task::{epoch_now, parse_id, Status};
 use crate::errors::{Error, Result};
-use crate::store::sqlite::Row;
+use crate::store::Row;
 
 /// What `recover` did: the ids run again, and the ids marked failed for good.
 #[derive(Default)]
@@ -69,7 +69,13 @@ pub fn recover(py: Python<'_>, shared: &Arc<Shared>) -> PyResult<Recovered> {
                     .call1((exc,))
                     .and_then(|t| t.extract::<String>())
                     .ok();
-                store.finished(row.task_id.clone(), Status::Failed, None, error, epoch_now());
+                store.finished(
+                    row.task_id.clone(),
+                    Status::Failed,
+                    None,
+                    error,
+                    epoch_now(),
+                );
                 done.failed.push(row.task_id);
             }
         }
@@ -92,13 +98,22 @@ fn rebuild(
         parse_id(&row.task_id).ok_or_else(|| format!("{:?} is not a task id", row.task_id))?;
     let text = |e: PyErr| e.value(py).to_string();
     let func = rt.resolve.bind(py).call1((&row.name,)).map_err(text)?;
-    let loads = |json: &Option<String>, what: &str| -> std::result::Result<Bound<'_, PyAny>, String> {
-        let json = json.as_deref().ok_or_else(|| format!("its {what} were not stored"))?;
-        rt.json_loads.bind(py).call1((json,)).map_err(text)
-    };
+    let loads =
+        |json: &Option<String>, what: &str| -> std::result::Result<Bound<'_, PyAny>, String> {
+            let json = json
+                .as_deref()
+                .ok_or_else(|| format!("its {what} were not stored"))?;
+            rt.json_loads.bind(py).call1((json,)).map_err(text)
+        };
     let args = loads(&row.args, "arguments")?;
-    let args = PyTuple::new(py, args.try_iter().map_err(text)?.collect::<PyResult<Vec<_>>>().map_err(text)?)
-        .map_err(text)?;
+    let args = PyTuple::new(
+        py,
+        args.try_iter()
+            .map_err(text)?
+            .collect::<PyResult<Vec<_>>>()
+            .map_err(text)?,
+    )
+    .map_err(text)?;
     let kwargs = loads(&row.kwargs, "keyword arguments")?;
     let kwargs = kwargs
         .cast::<PyDict>()

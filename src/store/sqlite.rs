@@ -12,32 +12,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+use super::{OnDegraded, Records, Row, ScheduleRecord, StoreError};
+use crate::tasks::status::Status;
+
 /// Most writes one transaction takes.
 const BATCH: usize = 1024;
-
-/// A full task row.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Row {
-    pub task_id: String,
-    pub name: String,
-    pub status: String,
-    pub priority: i64,
-    pub attempts: i64,
-    pub max_retries: i64,
-    pub timeout_ms: f64,
-    pub due_at: f64,
-    pub progress: f64,
-    pub current_step: Option<String>,
-    pub args: Option<String>,
-    pub kwargs: Option<String>,
-    /// Why the task cannot run again after a restart, if it cannot.
-    pub not_restartable: Option<String>,
-    pub result: Option<String>,
-    pub error: Option<String>,
-    pub created_at: f64,
-    pub started_at: Option<f64>,
-    pub finished_at: Option<f64>,
-}
 
 enum Op {
     Insert(Box<Row>),
@@ -48,7 +27,7 @@ enum Op {
     },
     Waiting {
         id: String,
-        status: &'static str,
+        status: Status,
     },
     Progress {
         id: String,
@@ -57,7 +36,7 @@ enum Op {
     },
     Finished {
         id: String,
-        status: &'static str,
+        status: Status,
         result: Option<String>,
         error: Option<String>,
         at: f64,
@@ -66,27 +45,6 @@ enum Op {
     Flush(Sender<()>),
     Stop,
 }
-
-/// Why the store failed.
-#[derive(Debug)]
-pub struct StoreError(pub String);
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError(e.to_string())
-    }
-}
-
-/// Told once, from the writer thread, why the store stopped taking writes.
-/// It must not wait for anything: closing a store waits for its writer, and
-/// may do so while holding the GIL (a drop path), so it must never attach.
-pub type OnDegraded = Box<dyn Fn(&str) + Send>;
 
 /// Whether the store still takes writes, and why not once it does not.
 #[derive(Default)]
@@ -124,8 +82,15 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 const PRUNE_BATCH: i64 = 2000;
 
-/// Statuses of rows that are final; only they are ever pruned.
-const FINAL_STATUSES: &str = "'completed', 'failed', 'cancelled'";
+/// The statuses of final rows as an SQL list; only they are ever pruned.
+fn final_statuses_sql() -> String {
+    Status::ALL
+        .iter()
+        .filter(|s| s.is_final())
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 pub struct SqliteStore {
     path: String,
@@ -180,19 +145,6 @@ CREATE TABLE IF NOT EXISTS catzilla_schedule_runs (
 
 /// Runs kept per schedule in `catzilla_schedule_runs`; older ones are pruned.
 const RUNS_KEPT: i64 = 200;
-
-/// What the store knows of a schedule when it is registered.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ScheduleRecord {
-    /// The interval anchor every process on this store shares.
-    pub anchor: f64,
-    /// The due time of the newest run claimed, and when it was claimed.
-    pub last_due: Option<f64>,
-    pub last_run_at: Option<f64>,
-    pub last_task_id: Option<String>,
-    /// Runs claimed so far (those still recorded).
-    pub runs: i64,
-}
 
 fn open_connection(path: &str) -> Result<Connection, StoreError> {
     let conn =
@@ -276,20 +228,6 @@ impl SqliteStore {
         })
     }
 
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
-    /// Why the store stopped taking writes, once it has; the engine then
-    /// keeps running in memory and the store is neither written nor read.
-    pub fn failure(&self) -> Option<String> {
-        self.health.reason.lock().clone()
-    }
-
-    pub fn is_degraded(&self) -> bool {
-        self.health.degraded.load(Ordering::Relaxed)
-    }
-
     /// A reading connection; never creates the file, so a deleted store is an error.
     fn reader(&self) -> Result<Connection, StoreError> {
         if let Some(reason) = self.failure() {
@@ -304,30 +242,62 @@ impl SqliteStore {
         Ok(conn)
     }
 
-    pub fn insert(&self, row: Row) {
+    fn is_forked(&self) -> bool {
+        std::process::id() != self.pid
+    }
+
+    fn with_control<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, StoreError> {
+        let mut slot = self.control.lock();
+        let conn = match slot.as_mut() {
+            Some(conn) => conn,
+            None => slot.insert(self.reader()?),
+        };
+        Ok(f(conn)?)
+    }
+}
+
+impl Records for SqliteStore {
+    fn location(&self) -> &str {
+        &self.path
+    }
+
+    /// Why the store stopped taking writes, once it has; the engine then
+    /// keeps running in memory and the store is neither written nor read.
+    fn failure(&self) -> Option<String> {
+        self.health.reason.lock().clone()
+    }
+
+    fn is_degraded(&self) -> bool {
+        self.health.degraded.load(Ordering::Relaxed)
+    }
+
+    fn insert(&self, row: Row) {
         let _ = self.tx.send(Op::Insert(Box::new(row)));
     }
 
-    pub fn delete(&self, id: String) {
+    fn delete(&self, id: String) {
         let _ = self.tx.send(Op::Delete(id));
     }
 
-    pub fn started(&self, id: String, attempts: i64, at: f64) {
+    fn started(&self, id: String, attempts: i64, at: f64) {
         let _ = self.tx.send(Op::Started { id, attempts, at });
     }
 
-    pub fn waiting(&self, id: String, status: &'static str) {
+    fn waiting(&self, id: String, status: Status) {
         let _ = self.tx.send(Op::Waiting { id, status });
     }
 
-    pub fn progress(&self, id: String, progress: f64, step: Option<String>) {
+    fn progress(&self, id: String, progress: f64, step: Option<String>) {
         let _ = self.tx.send(Op::Progress { id, progress, step });
     }
 
-    pub fn finished(
+    fn finished(
         &self,
         id: String,
-        status: &'static str,
+        status: Status,
         result: Option<String>,
         error: Option<String>,
         at: f64,
@@ -343,7 +313,7 @@ impl SqliteStore {
 
     /// Blocks until everything handed over before this call is committed
     /// (or `timeout` passes). Returns whether it was.
-    pub fn flush(&self, timeout: Duration) -> bool {
+    fn flush(&self, timeout: Duration) -> bool {
         if self.is_forked() {
             return false;
         }
@@ -351,13 +321,9 @@ impl SqliteStore {
         self.tx.send(Op::Flush(done)).is_ok() && wait.recv_timeout(timeout).is_ok()
     }
 
-    fn is_forked(&self) -> bool {
-        std::process::id() != self.pid
-    }
-
     /// Flushes and stops the writer thread. In a forked child it only lets
     /// go of the handle: joining a thread of the parent could wait forever.
-    pub fn close(&self, timeout: Duration) {
+    fn close(&self, timeout: Duration) {
         if self.is_forked() {
             std::mem::forget(self.writer.lock().take());
             return;
@@ -369,21 +335,9 @@ impl SqliteStore {
         }
     }
 
-    fn with_control<R>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
-    ) -> Result<R, StoreError> {
-        let mut slot = self.control.lock();
-        let conn = match slot.as_mut() {
-            Some(conn) => conn,
-            None => slot.insert(self.reader()?),
-        };
-        Ok(f(conn)?)
-    }
-
     /// Registers a schedule (or finds it from an earlier run). A schedule
     /// whose spec changed starts over from `anchor`.
-    pub fn open_schedule(
+    fn open_schedule(
         &self,
         name: &str,
         spec: &str,
@@ -442,13 +396,7 @@ impl SqliteStore {
 
     /// Claims the run of schedule `name` due at `due` for this process:
     /// true for exactly one of all the processes that try.
-    pub fn claim_run(
-        &self,
-        name: &str,
-        due: f64,
-        task_id: &str,
-        at: f64,
-    ) -> Result<bool, StoreError> {
+    fn claim_run(&self, name: &str, due: f64, task_id: &str, at: f64) -> Result<bool, StoreError> {
         let due_ms = (due * 1000.0).round() as i64;
         self.with_control(|conn| {
             let claimed = conn.execute(
@@ -469,26 +417,29 @@ impl SqliteStore {
     }
 
     /// Rows in one of `statuses`, oldest first, read on a fresh connection.
-    pub fn load(&self, statuses: &[&str]) -> Result<Vec<Row>, StoreError> {
+    fn load(&self, statuses: &[Status]) -> Result<Vec<Row>, StoreError> {
         let conn = self.reader()?;
         let marks = vec!["?"; statuses.len()].join(",");
         let sql = format!("SELECT {COLUMNS} FROM catzilla_tasks WHERE status IN ({marks}) ORDER BY created_at, task_id");
         let mut stmt = conn.prepare(&sql)?;
         let rows = stmt
-            .query_map(rusqlite::params_from_iter(statuses.iter()), read_row)?
+            .query_map(
+                rusqlite::params_from_iter(statuses.iter().map(|s| s.as_str())),
+                read_row,
+            )?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
     /// One row by id.
-    pub fn get(&self, id: &str) -> Result<Option<Row>, StoreError> {
+    fn get(&self, id: &str) -> Result<Option<Row>, StoreError> {
         let conn = self.reader()?;
         let sql = format!("SELECT {COLUMNS} FROM catzilla_tasks WHERE task_id = ?1");
         Ok(conn.query_row(&sql, [id], read_row).optional()?)
     }
 
     /// The newest rows, optionally with one status.
-    pub fn list(&self, status: Option<&str>, limit: usize) -> Result<Vec<Row>, StoreError> {
+    fn list(&self, status: Option<Status>, limit: usize) -> Result<Vec<Row>, StoreError> {
         let conn = self.reader()?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = match status {
@@ -496,7 +447,7 @@ impl SqliteStore {
                 let sql = format!("SELECT {COLUMNS} FROM catzilla_tasks WHERE status = ?1 ORDER BY created_at DESC, task_id DESC LIMIT ?2");
                 let mut stmt = conn.prepare(&sql)?;
                 let found = stmt
-                    .query_map(params![s, limit], read_row)?
+                    .query_map(params![s.as_str(), limit], read_row)?
                     .collect::<Result<Vec<_>, _>>()?;
                 found
             }
@@ -559,14 +510,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         }
         Op::Started { id, attempts, at } => {
             tx.execute(
-                "UPDATE catzilla_tasks SET status = 'running', attempts = ?2, started_at = COALESCE(started_at, ?3) WHERE task_id = ?1",
-                params![id, attempts, at],
+                "UPDATE catzilla_tasks SET status = ?4, attempts = ?2, started_at = COALESCE(started_at, ?3) WHERE task_id = ?1",
+                params![id, attempts, at, Status::Running.as_str()],
             )?;
         }
         Op::Waiting { id, status } => {
             tx.execute(
                 "UPDATE catzilla_tasks SET status = ?2 WHERE task_id = ?1",
-                params![id, status],
+                params![id, status.as_str()],
             )?;
         }
         Op::Progress { id, progress, step } => {
@@ -584,9 +535,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         } => {
             tx.execute(
                 "UPDATE catzilla_tasks SET status = ?2, result = ?3, error = ?4, finished_at = ?5, \
-                 progress = CASE WHEN ?2 = 'completed' THEN 100.0 ELSE progress END, args = NULL, kwargs = NULL \
+                 progress = CASE WHEN ?6 THEN 100.0 ELSE progress END, args = NULL, kwargs = NULL \
                  WHERE task_id = ?1",
-                params![id, status, result, error, at],
+                params![id, status.as_str(), result, error, at, *status == Status::Completed],
             )?;
         }
         Op::Delete(id) => {
@@ -600,11 +551,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
 /// Deletes at most `limit` final rows that finished before `cutoff`, oldest
 /// first, sparing each schedule's newest run. Returns how many went.
 fn prune(conn: &Connection, cutoff: f64, limit: i64) -> rusqlite::Result<usize> {
+    let finals = final_statuses_sql();
     conn.execute(
         &format!(
             "DELETE FROM catzilla_tasks WHERE rowid IN ( \
                SELECT rowid FROM catzilla_tasks \
-               WHERE finished_at < ?1 AND status IN ({FINAL_STATUSES}) \
+               WHERE finished_at < ?1 AND status IN ({finals}) \
                  AND task_id NOT IN ( \
                    SELECT task_id FROM catzilla_schedule_runs AS r \
                    WHERE due_ms = (SELECT MAX(due_ms) FROM catzilla_schedule_runs \
@@ -788,7 +740,7 @@ mod tests {
         store.progress("a".into(), 40.0, Some("parsing".into()));
         store.finished(
             "b".into(),
-            "failed",
+            Status::Failed,
             None,
             Some("{\"type\":\"E\"}".into()),
             6.0,
@@ -804,7 +756,9 @@ mod tests {
         let b = store.get("b").unwrap().unwrap();
         assert_eq!(b.status, "failed");
         assert_eq!(b.args, None);
-        let open = store.load(&["pending", "running", "scheduled"]).unwrap();
+        let open = store
+            .load(&[Status::Pending, Status::Running, Status::Scheduled])
+            .unwrap();
         assert_eq!(
             open.iter().map(|r| r.task_id.as_str()).collect::<Vec<_>>(),
             vec!["a"]
@@ -817,7 +771,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec!["b", "a"]
         );
-        assert_eq!(store.list(Some("failed"), 10).unwrap().len(), 1);
+        assert_eq!(store.list(Some(Status::Failed), 10).unwrap().len(), 1);
         store.close(Duration::from_secs(5));
         // A second store on the same file sees everything.
         let again = SqliteStore::open(&path, KEEP, quiet()).unwrap();

@@ -231,7 +231,7 @@ pub fn instant_of(due: f64, now_epoch: f64, now: Instant) -> Instant {
     }
     let ahead =
         Duration::try_from_secs_f64(ahead).unwrap_or(Duration::from_secs(100 * 365 * 86400));
-    super::scheduler::due_after(now, ahead)
+    crate::clock::due_after(now, ahead)
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use parking_lot::{Condvar, Mutex};
 
-use super::scheduler::{Pop, Scheduler};
+use super::queue::Queue;
+use super::scheduler::Pop;
 use super::stats::new_histogram;
 use super::sysinfo::{read_clock, thread_clock, thread_cpu_ns};
 use super::watchdog::Deadline;
@@ -95,7 +96,7 @@ pub struct PoolSnapshot {
 }
 
 pub struct Pool<T> {
-    sched: Arc<Scheduler<T>>,
+    sched: Arc<dyn Queue<T>>,
     runner: Arc<dyn Runner<T>>,
     cfg: PoolConfig,
     origin: Instant,
@@ -128,7 +129,7 @@ impl Drop for ThreadExit {
 
 impl<T: Send + 'static> Pool<T> {
     pub fn new(
-        sched: Arc<Scheduler<T>>,
+        sched: Arc<dyn Queue<T>>,
         runner: Arc<dyn Runner<T>>,
         cfg: PoolConfig,
         origin: Instant,
@@ -154,7 +155,7 @@ impl<T: Send + 'static> Pool<T> {
     /// Starts the initial workers and the timer thread.
     pub fn start(self: &Arc<Self>) -> std::io::Result<()> {
         let sched = self.sched.clone();
-        self.spawn_thread("catzilla-timer".into(), move || sched.run_timer())?;
+        self.spawn_thread("catzilla-timer".into(), move || sched.run_clock())?;
         for _ in 0..self.cfg.initial {
             self.spawn_worker()?;
         }
@@ -254,7 +255,7 @@ impl<T: Send + 'static> Pool<T> {
         self.runner.thread_main(slot, &mut || loop {
             let sched = &self.sched;
             let idle = self.cfg.idle_timeout;
-            match self.runner.wait(&|| sched.pop(idle)) {
+            match self.runner.wait(&|| sched.take(idle)) {
                 Pop::Job(job) => {
                     // A worker that takes work while more waits and nobody is
                     // idle is the signal of a backlog, even with no new submits.
@@ -262,7 +263,7 @@ impl<T: Send + 'static> Pool<T> {
                     let since = self.now_ns();
                     slot.busy_since_ns.store(since, SeqCst);
                     let result = catch_unwind(AssertUnwindSafe(|| {
-                        self.runner.run(slot, job, &mut || sched.try_pop())
+                        self.runner.run(slot, job, &mut || sched.try_take())
                     }));
                     if let Err(panic) = result {
                         self.runner.panicked(panic_message(panic.as_ref()));
@@ -353,6 +354,7 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tasks::scheduler::Scheduler;
     use std::sync::atomic::AtomicUsize;
 
     struct Counting {

@@ -9,12 +9,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::lanes::{Lanes, LANES};
 use super::timer::TimerHeap;
-
-/// `now + delay`, or a century from now for delays beyond what `Instant` holds.
-pub fn due_after(now: Instant, delay: Duration) -> Instant {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    now.checked_add(delay.min(CENTURY)).unwrap_or(now)
-}
+use crate::clock::due_after;
 
 /// Why the scheduler refused work; the item comes back to the caller.
 #[derive(Debug)]

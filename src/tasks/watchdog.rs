@@ -59,7 +59,7 @@ impl Watchdog {
 
     /// Arms `slot` for `after` from now with `token`.
     pub fn arm(&self, slot: &Deadline, after: Duration, token: u64) {
-        let at = self.ns(super::scheduler::due_after(Instant::now(), after));
+        let at = self.ns(crate::clock::due_after(Instant::now(), after));
         slot.token.store(token, SeqCst);
         slot.at_ns.store(at, SeqCst);
         let wake = self.next_wake.load(SeqCst);
