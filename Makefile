@@ -2,7 +2,7 @@
 .PHONY: build-dev build-release format lint test bench bench-quick reliability
 
 build-dev:
-	maturin develop
+	maturin develop --features test-hooks
 
 build-release:
 	maturin develop --release
@@ -13,7 +13,7 @@ format:
 
 lint:
 	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --all-features -- -D warnings
 	ruff check python tests benches examples
 	mypy --strict python/catzilla examples
 	python -m mypy.stubtest catzilla._catzilla --ignore-missing-stub

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,3 +90,19 @@ def run_python(
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
         err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
         pytest.fail(f"hung: still running after {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+
+
+def panic_probe() -> Callable[[str], None]:
+    """``_panic_probe(message)``: a Rust panic on demand. It exists only in
+    builds with the ``test-hooks`` cargo feature, as the README's test command
+    makes (``MATURIN_PEP517_ARGS="--features test-hooks"``)."""
+    try:
+        from catzilla._catzilla import _panic_probe  # type: ignore[attr-defined]
+    except ImportError:
+        pytest.fail(
+            "catzilla was built without the test-hooks feature; build it as the "
+            "README's test command does: MATURIN_PEP517_ARGS='--features test-hooks' "
+            "pip install '.[test]' (or maturin develop --features test-hooks)"
+        )
+    probe: Callable[[str], None] = _panic_probe
+    return probe

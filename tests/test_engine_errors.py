@@ -15,6 +15,7 @@ from catzilla.background_tasks import (
     task,
 )
 from conftest import DEADLINE, Recorder
+from helpers import panic_probe
 
 # --- add_task arguments ----------------------------------------------------------
 
@@ -365,8 +366,7 @@ def test_priority_members_are_accepted(engine):
 
 
 def test_rust_panic_in_a_task_fails_the_task_and_the_worker_survives(make_engine):
-    from catzilla._catzilla import _panic_probe
-
+    _panic_probe = panic_probe()
     e = make_engine(workers=1, max_workers=1)
     r = e.add_task(_panic_probe, "boom", max_retries=3)
     # The panic unwinds back into the worker, which contains it: the task

@@ -16,9 +16,6 @@ def _current_task() -> TaskResult | None:
 def _after_fork_in_child() -> None:
     """Marks every engine of the parent unusable; run in the child after ``os.fork()``."""
 
-def _panic_probe(message: str) -> None:
-    """Panics in Rust on purpose (the tests use it to show panics are contained)."""
-
 @final
 class TaskResult:
     """The handle of one background task."""
@@ -125,12 +122,6 @@ class PeriodicTask:
     def cancel(self) -> bool:
         """Stops the schedule for good (a run already queued still runs);
         returns whether it was active."""
-
-@final
-class RunEnded:
-    """Internal: counts a periodic run's failure when it ends."""
-
-    def __call__(self, handle: TaskResult) -> None: ...
 
 @final
 class EngineStats:
@@ -279,12 +270,6 @@ class Engine:
         ``wait_for_completion``), cancels and reports what never ran, and
         stops the workers. Returns ``{"drained", "cancelled", "still_running"}``."""
 
-@final
-class AsyncDone:
-    """Reports the end of a coroutine task to the engine (internal)."""
-
-    def __call__(self, kind: int, value: Any, /) -> None: ...
-
 # Web layer
 
 def _init_http(spec: dict[str, Any]) -> None:
@@ -397,9 +382,3 @@ class Server:
         """Makes ``serve`` return; safe from signal handlers and other threads."""
     def stop(self, grace: float) -> bool:
         """Stops accepting and lets in-flight requests finish for ``grace`` seconds."""
-
-@final
-class HttpAsyncDone:
-    """Reports the end of an ``async def`` handler to the server (internal)."""
-
-    def __call__(self, kind: int, value: Any, /) -> None: ...

@@ -53,7 +53,6 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<response::HTMLResponse>()?;
     m.add_class::<response::PlainTextResponse>()?;
     m.add_class::<server::Server>()?;
-    m.add_class::<server::HttpAsyncDone>()?;
     m.add_function(wrap_pyfunction!(_init_http, m)?)?;
     Ok(())
 }
