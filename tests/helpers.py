@@ -6,8 +6,11 @@ are imported by name.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -76,20 +79,26 @@ def run_python(
     code: str, *args: str, timeout: float = 60.0, cwd: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Runs ``code`` in a fresh interpreter and returns what it did. A process
-    still running after ``timeout`` seconds is killed and fails the test as a
-    hang, with what it printed so far."""
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=cwd,
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        pytest.fail(f"hung: still running after {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+    still running after ``timeout`` seconds is killed, with every process it
+    started (its own session), and fails the test as a hang, with what it
+    printed so far."""
+    argv = [sys.executable, "-c", textwrap.dedent(code), *args]
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"hung: still running after {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def panic_probe() -> Callable[[str], None]:
