@@ -124,6 +124,21 @@ class PeriodicTask:
         returns whether it was active."""
 
 @final
+class TaskDefaults:
+    """The defaults a ``@task(...)`` declaration gives its function, each checked
+    as ``add_task`` checks it (``TypeError``/``ValueError`` naming it)."""
+
+    def __new__(
+        cls,
+        *,
+        priority: TaskPriority | None = None,
+        delay_ms: float | None = None,
+        max_retries: int | None = None,
+        timeout_ms: float | None = None,
+        no_retry_for: tuple[type[BaseException], ...] | None = None,
+    ) -> Self: ...
+
+@final
 class EngineStats:
     """One reading of the engine's statistics; docs/background-tasks.md defines each."""
 

@@ -30,6 +30,7 @@ from ._catzilla import (
     Engine,
     EngineStats,
     PeriodicTask,
+    TaskDefaults,
     TaskResult,
     _after_fork_in_child,
     _current_task,
@@ -123,27 +124,12 @@ class TaskFunction(Generic[P, R]):
     """A function decorated with ``@task``: call it to run it directly, or pass
     it to ``add_task`` to run it in the background with its configured options."""
 
-    def __init__(
-        self,
-        func: Callable[P, R],
-        *,
-        priority: TaskPriority | None,
-        delay_ms: float | None,
-        max_retries: int | None,
-        timeout_ms: float | None,
-        no_retry_for: tuple[type[BaseException], ...],
-    ) -> None:
+    def __init__(self, func: Callable[P, R], defaults: TaskDefaults) -> None:
         functools.update_wrapper(self, func)
         self.__wrapped__ = func
         self.name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
-        self._catzilla_options = (
-            func,
-            priority,
-            delay_ms,
-            max_retries,
-            timeout_ms,
-            no_retry_for or None,
-        )
+        # What add_task reads: the function and its declared defaults, checked once.
+        self._catzilla_task = (func, defaults)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.__wrapped__(*args, **kwargs)
@@ -152,10 +138,6 @@ class TaskFunction(Generic[P, R]):
         return f"<task {self.name}>"
 
 
-#: The longest span the native core holds (a Rust Duration), in milliseconds.
-MAX_MS = 1.8e22
-#: Most retries a task can have (the native core counts them in 32 bits).
-MAX_RETRIES = 2**32 - 1
 #: The largest count the native core takes (a 64-bit size).
 MAX_COUNT = 2**64 - 1
 #: Most workers an engine can have.
@@ -163,19 +145,6 @@ MAX_WORKERS = 1024
 #: How long lookups in the store and shutdown wait for it to commit what it
 #: was handed (seconds).
 STORE_FLUSH_TIMEOUT = 10.0
-
-
-def _check_number(name: str, value: float | None, *, integer: bool = False) -> None:
-    """The rules ``add_task`` applies to a count or milliseconds, checked early."""
-    if value is None:
-        return
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        need = "an int" if integer else "a number"
-        raise TypeError(f"{name} must be {need}, got {type(value).__name__} {value!r}")
-    limit = MAX_RETRIES if integer else MAX_MS
-    if not 0 <= value <= limit:  # also refuses nan
-        raise ValueError(f"{name} must be a finite number from 0 to {limit:g}, got {value!r}")
 
 
 @overload
@@ -207,29 +176,22 @@ def task(
     ``no_retry_for`` fail the task at once. The function is registered by its
     import name in ``registered_tasks``.
     """
-    if priority is not None and not isinstance(priority, TaskPriority):
-        raise TypeError(
-            f"priority must be a TaskPriority member, got {type(priority).__name__} {priority!r}"
-        )
-    _check_number("max_retries", max_retries, integer=True)
-    _check_number("timeout_ms", timeout_ms)
-    _check_number("delay_ms", delay_ms)
     if not isinstance(no_retry_for, tuple) or not all(
         isinstance(t, type) and issubclass(t, BaseException) for t in no_retry_for
     ):
         raise TypeError(f"no_retry_for must be a tuple of exception classes, got {no_retry_for!r}")
+    defaults = TaskDefaults(  # checks each option, as add_task does
+        priority=priority,
+        delay_ms=delay_ms,
+        max_retries=max_retries,
+        timeout_ms=timeout_ms,
+        no_retry_for=no_retry_for or None,
+    )
 
     def wrap(f: Callable[P, R]) -> TaskFunction[P, R]:
         if not callable(f):
             raise TypeError(f"@task needs a callable, got {type(f).__name__} {f!r}")
-        wrapped = TaskFunction(
-            f,
-            priority=priority,
-            delay_ms=delay_ms,
-            max_retries=max_retries,
-            timeout_ms=timeout_ms,
-            no_retry_for=no_retry_for,
-        )
+        wrapped = TaskFunction(f, defaults)
         registered_tasks[wrapped.name] = wrapped
         return wrapped
 

@@ -16,15 +16,49 @@ use super::task::{Call, NewTask, Status};
 use crate::errors::{describe, Error};
 use crate::store::Row;
 
-/// `TaskFunction._catzilla_options`: the function, then its defaults.
-type TaskFunctionOptions<'py> = (
-    Bound<'py, PyAny>,
-    Option<Bound<'py, PyAny>>,
-    Option<Bound<'py, PyAny>>,
-    Option<Bound<'py, PyAny>>,
-    Option<Bound<'py, PyAny>>,
-    Option<Bound<'py, PyAny>>,
-);
+/// The defaults a `@task(...)` declaration gives its function, checked once,
+/// when it is declared; `add_task` then uses them without checking again.
+#[pyclass(frozen, module = "catzilla._catzilla")]
+pub struct TaskDefaults {
+    lane: Option<usize>,
+    delay: Option<Duration>,
+    max_retries: Option<u32>,
+    /// `Some(None)`: no timeout.
+    timeout: Option<Option<Duration>>,
+    /// Exception classes that fail the task at once.
+    no_retry: Option<Py<PyAny>>,
+}
+
+#[pymethods]
+impl TaskDefaults {
+    #[new]
+    #[pyo3(signature = (*, priority=None, delay_ms=None, max_retries=None, timeout_ms=None, no_retry_for=None))]
+    fn new(
+        py: Python<'_>,
+        priority: Option<&Bound<'_, PyAny>>,
+        delay_ms: Option<&Bound<'_, PyAny>>,
+        max_retries: Option<&Bound<'_, PyAny>>,
+        timeout_ms: Option<&Bound<'_, PyAny>>,
+        no_retry_for: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let rt = runtime(py)?;
+        Ok(Self {
+            lane: priority.map(|p| rt.lane_of(p)).transpose()?,
+            delay: delay_ms.map(|v| args::millis("delay_ms", v)).transpose()?,
+            max_retries: max_retries
+                .map(|v| args::count("max_retries", v))
+                .transpose()?,
+            timeout: timeout_ms
+                .map(|v| args::millis("timeout_ms", v).map(timeout_of))
+                .transpose()?,
+            no_retry: no_retry_for.map(Bound::unbind),
+        })
+    }
+
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.no_retry)
+    }
+}
 
 pub fn timeout_of(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
@@ -100,7 +134,7 @@ fn durable_row(
 }
 
 /// Per-call options of `add_task`; None takes the task's or engine's default.
-pub struct TaskOptions<'a, 'py> {
+pub struct CallOptions<'a, 'py> {
     pub priority: Option<&'a Bound<'py, PyAny>>,
     pub delay_ms: Option<&'a Bound<'py, PyAny>>,
     pub max_retries: Option<&'a Bound<'py, PyAny>>,
@@ -123,9 +157,9 @@ pub fn prepare(
     func: &Bound<'_, PyAny>,
     args: &Bound<'_, PyTuple>,
     kwargs: Option<&Bound<'_, PyDict>>,
-    options: TaskOptions<'_, '_>,
+    options: CallOptions<'_, '_>,
 ) -> PyResult<Prepared> {
-    let TaskOptions {
+    let CallOptions {
         priority,
         delay_ms,
         max_retries,
@@ -138,28 +172,21 @@ pub fn prepare(
     let mut no_retry = None;
     let mut func = func.clone();
     if func.get_type().is(rt.task_function_type.bind(py)) {
-        let opts = func.getattr("_catzilla_options")?;
-        let (inner, p, dl, mr, to, nr): TaskFunctionOptions<'_> = opts.extract()?;
-        if let Some(p) = p {
-            lane = shared.parse_lane(rt, &p)?;
-        }
-        if let Some(dl) = dl {
-            delay = args::millis("delay_ms", &dl)?;
-        }
-        if let Some(mr) = mr {
-            retries = args::count("max_retries", &mr)?;
-        }
-        if let Some(to) = to {
-            timeout = timeout_of(args::millis("timeout_ms", &to)?);
-        }
-        no_retry = nr.map(Bound::unbind);
+        let (inner, declared): (Bound<'_, PyAny>, Bound<'_, TaskDefaults>) =
+            func.getattr("_catzilla_task")?.extract()?;
+        let d = declared.get();
+        lane = d.lane.unwrap_or(lane);
+        delay = d.delay.unwrap_or(delay);
+        retries = d.max_retries.unwrap_or(retries);
+        timeout = d.timeout.unwrap_or(timeout);
+        no_retry = d.no_retry.as_ref().map(|t| t.clone_ref(py));
         func = inner;
     }
     if !func.is_callable() {
         return Err(Error::WrongType("func", "callable", describe(&func)).into());
     }
     if let Some(p) = priority {
-        lane = shared.parse_lane(rt, p)?;
+        lane = rt.lane_of(p)?;
     }
     if let Some(v) = delay_ms {
         delay = args::millis("delay_ms", v)?;

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
-use super::admission::{prepare, timeout_of, TaskOptions};
+use super::admission::{prepare, timeout_of, CallOptions};
 use super::args;
 use super::handle::TaskResult;
 use super::periodic::PeriodicsSlot;
@@ -82,17 +82,7 @@ impl Engine {
                 .map_err(|_| Error::BadValue(name, format!("is too large: {v}")))
         };
         let origin = Instant::now();
-        let lane = rt
-            .priorities
-            .iter()
-            .position(|p| p.bind(py).is(default_priority))
-            .ok_or_else(|| {
-                Error::WrongType(
-                    "priority",
-                    "a TaskPriority member",
-                    describe(default_priority),
-                )
-            })?;
+        let lane = rt.lane_of(default_priority)?;
         let defaults = Defaults {
             lane,
             delay: args::millis("delay_ms", default_delay_ms)?,
@@ -235,7 +225,7 @@ impl Engine {
             func,
             args,
             kwargs,
-            TaskOptions {
+            CallOptions {
                 priority,
                 delay_ms,
                 max_retries,

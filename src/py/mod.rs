@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::Engine>()?;
     m.add_class::<handle::TaskResult>()?;
+    m.add_class::<admission::TaskDefaults>()?;
     m.add_class::<stats::EngineStats>()?;
     m.add_class::<periodic::PeriodicTask>()?;
     m.add_function(wrap_pyfunction!(runtime::_init_runtime, m)?)?;

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use super::admission::{prepare, Prepared, TaskOptions};
+use super::admission::{prepare, CallOptions, Prepared};
 use super::handle::TaskResult;
 use super::runtime::runtime;
 use super::shared::Shared;
@@ -259,7 +259,7 @@ pub fn add(
     }
     // The options are checked now, so a bad one fails here, not at every run.
     if let Some(p) = &new.priority {
-        shared.parse_lane(rt, p)?;
+        rt.lane_of(p)?;
     }
     if let Some(v) = &new.max_retries {
         super::args::count("max_retries", v)?;
@@ -539,7 +539,7 @@ fn build_run(py: Python<'_>, shared: &Arc<Shared>, s: &Arc<Schedule>) -> PyResul
         s.func.bind(py),
         s.args.bind(py),
         s.kwargs.as_ref().map(|k| k.bind(py)),
-        TaskOptions {
+        CallOptions {
             priority: s.priority.as_ref().map(|v| v.bind(py)),
             delay_ms: None,
             max_retries: s.max_retries.as_ref().map(|v| v.bind(py)),

@@ -5,7 +5,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
-use crate::errors::{Classes, Error, Result};
+use crate::errors::{describe, Classes, Error, Result};
 use crate::interpreter::ParkOnForcedUnwind;
 use crate::tasks::status::Status;
 
@@ -116,6 +116,16 @@ impl Runtime {
         if let Err(err) = self.report.bind(py).call1((level, message, exc)) {
             err.print(py);
         }
+    }
+
+    /// The lane of a `TaskPriority` member.
+    pub fn lane_of(&self, priority: &Bound<'_, PyAny>) -> Result<usize> {
+        self.priorities
+            .iter()
+            .position(|p| p.bind(priority.py()).is(priority))
+            .ok_or_else(|| {
+                Error::WrongType("priority", "a TaskPriority member", describe(priority))
+            })
     }
 
     pub fn make_error<'py>(

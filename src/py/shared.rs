@@ -12,10 +12,10 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 
 use super::handle::{run_callbacks, Owner, TaskResult};
-use super::runtime::{runtime, Runtime};
+use super::runtime::runtime;
 use super::task::epoch_now;
 use super::task::{parse_id, Job, Key, KeyMap, NewTask, Outcome, Status, TaskState};
-use crate::errors::{describe, Error, Result};
+use crate::errors::{Error, Result};
 use crate::store::{Records, Row};
 use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::Pool;
@@ -173,15 +173,6 @@ impl Shared {
             r.bytes = r.bytes.saturating_add(bytes);
         }
         self.evict(now);
-    }
-
-    pub(crate) fn parse_lane(&self, rt: &Runtime, priority: &Bound<'_, PyAny>) -> Result<usize> {
-        rt.priorities
-            .iter()
-            .position(|p| p.bind(priority.py()).is(priority))
-            .ok_or_else(|| {
-                Error::WrongType("priority", "a TaskPriority member", describe(priority))
-            })
     }
 
     /// Records a final state, then runs callbacks outside every lock.

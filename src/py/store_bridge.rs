@@ -7,7 +7,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyFloat, PyInt, PyTuple};
 
-use super::admission::{prepare, Prepared, TaskOptions};
+use super::admission::{prepare, CallOptions, Prepared};
 use super::runtime::{runtime, Runtime};
 use super::shared::Shared;
 use super::task::{epoch_now, parse_id, Status};
@@ -132,7 +132,7 @@ fn rebuild(
         &func,
         &args,
         Some(kwargs),
-        TaskOptions {
+        CallOptions {
             priority: Some(priority),
             delay_ms: Some(delay_ms.as_any()),
             max_retries: Some(max_retries.as_any()),
