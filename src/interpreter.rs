@@ -4,6 +4,44 @@
 
 use pyo3::prelude::*;
 
+/// How a coroutine ended, as `catzilla._aio` reports it to the native
+/// done-callbacks (the task engine's and the server's). The codes reach
+/// Python as the module's `ASYNC_*` constants, so they are written here only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AsyncOutcome {
+    Ok = 0,
+    Error = 1,
+    Timeout = 2,
+    Cancelled = 3,
+}
+
+impl AsyncOutcome {
+    const ALL: [(AsyncOutcome, &'static str); 4] = [
+        (AsyncOutcome::Ok, "ASYNC_OK"),
+        (AsyncOutcome::Error, "ASYNC_ERROR"),
+        (AsyncOutcome::Timeout, "ASYNC_TIMEOUT"),
+        (AsyncOutcome::Cancelled, "ASYNC_CANCELLED"),
+    ];
+
+    /// The outcome of a code; an unknown one counts as cancelled.
+    pub fn from_code(code: u8) -> Self {
+        Self::ALL
+            .iter()
+            .map(|(o, _)| *o)
+            .find(|o| *o as u8 == code)
+            .unwrap_or(AsyncOutcome::Cancelled)
+    }
+
+    /// Adds the `ASYNC_*` constants to the module.
+    pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        for (outcome, name) in Self::ALL {
+            m.add(name, outcome as u8)?;
+        }
+        Ok(())
+    }
+}
+
 /// Whether a value a task or handler returned must be awaited: a coroutine
 /// or another awaitable. Common plain results are ruled out by exact type
 /// first, so they never pay for the attribute lookup.

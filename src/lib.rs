@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _catzilla(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    interpreter::AsyncOutcome::register(m)?;
     py::init_pymodule(m)?;
     http::init_pymodule(m)
 }

@@ -8,8 +8,10 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-# Outcome codes understood by the native completion callback.
-OK, ERROR, TIMEOUT, CANCELLED = 0, 1, 2, 3
+from ._catzilla import ASYNC_CANCELLED as CANCELLED
+from ._catzilla import ASYNC_ERROR as ERROR
+from ._catzilla import ASYNC_OK as OK
+from ._catzilla import ASYNC_TIMEOUT as TIMEOUT
 
 Done = Callable[[int, Any], None]
 

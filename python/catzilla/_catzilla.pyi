@@ -10,6 +10,12 @@ from catzilla.background_tasks import TaskPriority, TaskStatus
 def _init_runtime(spec: dict[str, Any]) -> None:
     """Hands the enums, exception classes and helpers to the native layer (once)."""
 
+#: How a coroutine ended, as ``catzilla._aio`` reports it to native callbacks.
+ASYNC_OK: int
+ASYNC_ERROR: int
+ASYNC_TIMEOUT: int
+ASYNC_CANCELLED: int
+
 def _current_task() -> TaskResult | None:
     """The handle of the sync task running on this thread, if any."""
 

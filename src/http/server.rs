@@ -29,7 +29,9 @@ use super::request::Request;
 use super::response::{error_response, to_http, HttpResponse};
 use super::router::{Match, Router};
 use crate::clock::due_after;
-use crate::interpreter::{close_event_loop, is_awaitable, lazy_event_loop, ParkOnForcedUnwind};
+use crate::interpreter::{
+    close_event_loop, is_awaitable, lazy_event_loop, AsyncOutcome, ParkOnForcedUnwind,
+};
 
 const BATCH_BUDGET: Duration = Duration::from_millis(2);
 
@@ -706,10 +708,14 @@ impl HttpAsyncDone {
             guard.disarm();
             return;
         };
-        let response = match kind {
-            0 => to_http(&value).unwrap_or_else(|err| failure(py, err, &self.method, &self.path)),
-            1 => failure(py, PyErr::from_value(value), &self.method, &self.path),
-            _ => error_response(503, "Service Unavailable: the server is shutting down", &[]),
+        let response = match AsyncOutcome::from_code(kind) {
+            AsyncOutcome::Ok => {
+                to_http(&value).unwrap_or_else(|err| failure(py, err, &self.method, &self.path))
+            }
+            AsyncOutcome::Error => failure(py, PyErr::from_value(value), &self.method, &self.path),
+            AsyncOutcome::Timeout | AsyncOutcome::Cancelled => {
+                error_response(503, "Service Unavailable: the server is shutting down", &[])
+            }
         };
         let _ = reply.send(response);
         guard.disarm();

@@ -13,7 +13,7 @@ use super::handle::{CurrentTask, TaskResult};
 use super::runtime::{runtime, Runtime};
 use super::shared::Shared;
 use super::task::{epoch_now, import_name, Job, Outcome, Status};
-use crate::interpreter::{is_awaitable, lazy_event_loop, ParkOnForcedUnwind};
+use crate::interpreter::{is_awaitable, lazy_event_loop, AsyncOutcome, ParkOnForcedUnwind};
 use crate::tasks::pool::{Runner, WorkerSlot};
 use crate::tasks::scheduler::Pop;
 use crate::tasks::stats::{new_histogram, record_micros};
@@ -299,11 +299,6 @@ pub struct AsyncDone {
     started: Instant,
 }
 
-/// Outcome codes passed by `catzilla._aio` to `AsyncDone`.
-const AIO_OK: u8 = 0;
-const AIO_ERROR: u8 = 1;
-const AIO_TIMEOUT: u8 = 2;
-
 #[pymethods]
 impl AsyncDone {
     fn __call__(&self, py: Python<'_>, kind: u8, value: Bound<'_, PyAny>) -> PyResult<()> {
@@ -332,24 +327,24 @@ impl Shared {
         if job.attempts() != done.attempt {
             return Ok(());
         }
-        match kind {
-            AIO_OK => self.complete(
+        match AsyncOutcome::from_code(kind) {
+            AsyncOutcome::Ok => self.complete(
                 py,
                 job,
                 Status::Completed,
                 Outcome::Value(value.unbind()),
                 true,
             ),
-            AIO_TIMEOUT => {
+            AsyncOutcome::Timeout => {
                 let exc = self.timeout_error(py, rt, &job);
                 let no_retry = job.call_parts(py).and_then(|p| p.3);
                 self.fail_attempt(py, rt, job, exc, no_retry);
             }
-            AIO_ERROR => {
+            AsyncOutcome::Error => {
                 let no_retry = job.call_parts(py).and_then(|p| p.3);
                 self.fail_attempt(py, rt, job, value, no_retry);
             }
-            _ => {
+            AsyncOutcome::Cancelled => {
                 let exc = rt.make_error(
                     py,
                     &rt.cancelled_error,
