@@ -1,0 +1,294 @@
+"""``BackgroundTasks``: the task engine, with every default defined here,
+once, and passed to the native core."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import weakref
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+from . import _runtime  # noqa: F401 - hands the native core its Python objects first
+from . import periodic as _periodic
+from ._catzilla import Engine, PeriodicTask, _after_fork_in_child
+from .enums import TaskPriority, TaskStatus
+from .errors import StorageError
+from .periodic import PeriodicOptions
+from .task_function import task
+from .task_info import TaskInfo
+
+logger = logging.getLogger("catzilla.tasks")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The largest count the native core takes (a 64-bit size).
+MAX_COUNT = 2**64 - 1
+#: Most workers an engine can have.
+MAX_WORKERS = 1024
+#: How long lookups in the store and shutdown wait for it to commit what it
+#: was handed (seconds).
+STORE_FLUSH_TIMEOUT = 10.0
+
+
+def _positive_int(name: str, value: object, minimum: int = 1, maximum: int = 2**48) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be from {minimum} to {maximum}, got {value}")
+    return value
+
+
+def _non_negative(name: str, value: object, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = float("inf")
+    if number != number or number in (float("inf"), float("-inf")) or number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if positive and number == 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return number
+
+
+def _storage_path(storage: str | None) -> str | None:
+    if storage is None:
+        return None
+    prefix = "sqlite:///"
+    if not isinstance(storage, str) or not storage.startswith(prefix) or storage == prefix:
+        raise ValueError(f"storage must look like 'sqlite:///path/to/tasks.db', got {storage!r}")
+    path = storage[len(prefix) :]
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"storage names a path that is not valid text: {path!r}") from None
+    return path
+
+
+_live_engines: weakref.WeakSet[BackgroundTasks] = weakref.WeakSet()
+
+# The engine's threads stay in the parent on os.fork(): the child's copies of
+# engines raise a clear error (and Catzilla apps start a fresh one).
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    for engine in list(_live_engines):
+        if not engine.is_shutdown:
+            engine.shutdown(wait_for_completion=True, timeout=engine.exit_timeout)
+
+
+class BackgroundTasks(Engine):
+    """The background task engine. See the docs for every parameter's effect."""
+
+    exit_timeout: float
+    config: dict[str, Any]
+
+    def __new__(
+        cls,
+        workers: int | None = None,
+        min_workers: int = 2,
+        max_workers: int | None = None,
+        queue_size: int = 10000,
+        enable_auto_scaling: bool = True,
+        memory_pool_mb: float = 500,
+        enable_profiling: bool = False,
+        *,
+        result_ttl: float = 3600.0,
+        retry_backoff_ms: float = 100.0,
+        retry_backoff_cap_ms: float = 30000.0,
+        starvation_ms: float = 5000.0,
+        idle_timeout: float = 30.0,
+        exit_timeout: float = 30.0,
+        default_priority: TaskPriority = TaskPriority.NORMAL,
+        default_delay_ms: float = 0,
+        default_max_retries: int = 3,
+        default_timeout_ms: float = 30000,
+        storage: str | None = None,
+        storage_strict: bool = False,
+    ) -> BackgroundTasks:
+        if workers is None:
+            workers = min(32, (os.cpu_count() or 1) + 4)
+        workers = _positive_int("workers", workers, maximum=MAX_WORKERS)
+        min_workers = min(_positive_int("min_workers", min_workers, maximum=MAX_WORKERS), workers)
+        if max_workers is None:
+            max_workers = max(workers, min(64, workers * 2))
+        max_workers = _positive_int("max_workers", max_workers, maximum=MAX_WORKERS)
+        if max_workers < workers:
+            raise ValueError(f"max_workers ({max_workers}) must be >= workers ({workers})")
+        queue_size = _positive_int("queue_size", queue_size)
+        if not isinstance(enable_auto_scaling, bool):
+            raise TypeError(f"enable_auto_scaling must be a bool, got {enable_auto_scaling!r}")
+        if not isinstance(enable_profiling, bool):
+            raise TypeError(f"enable_profiling must be a bool, got {enable_profiling!r}")
+        if not isinstance(storage_strict, bool):
+            raise TypeError(f"storage_strict must be a bool, got {storage_strict!r}")
+        exit_timeout = _non_negative("exit_timeout", exit_timeout)
+        path = _storage_path(storage)
+        self = super().__new__(
+            cls,
+            workers=workers,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            queue_size=queue_size,
+            enable_auto_scaling=enable_auto_scaling,
+            memory_pool_mb=_non_negative("memory_pool_mb", memory_pool_mb, positive=True),
+            enable_profiling=enable_profiling,
+            result_ttl=_non_negative("result_ttl", result_ttl),
+            retry_backoff_ms=_non_negative("retry_backoff_ms", retry_backoff_ms),
+            retry_backoff_cap_ms=_non_negative("retry_backoff_cap_ms", retry_backoff_cap_ms),
+            starvation_ms=_non_negative("starvation_ms", starvation_ms),
+            idle_timeout=_non_negative("idle_timeout", idle_timeout, positive=True),
+            default_priority=default_priority,
+            default_delay_ms=default_delay_ms,
+            default_max_retries=default_max_retries,
+            default_timeout_ms=default_timeout_ms,
+            storage=path,
+            storage_strict=bool(storage_strict),
+            flush_timeout=STORE_FLUSH_TIMEOUT,
+        )
+        self.exit_timeout = exit_timeout
+        self.config = {
+            "workers": workers,
+            "min_workers": min_workers,
+            "max_workers": max_workers,
+            "queue_size": queue_size,
+            "enable_auto_scaling": enable_auto_scaling,
+            "memory_pool_mb": memory_pool_mb,
+            "enable_profiling": enable_profiling,
+            "result_ttl": result_ttl,
+            "storage": storage,
+        }
+        _live_engines.add(self)
+        return self
+
+    task = staticmethod(task)
+
+    def add_periodic_task(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        every: float | timedelta | None = None,
+        cron: str | None = None,
+        timezone: str = "UTC",
+        priority: TaskPriority | None = None,
+        max_retries: int | None = None,
+        timeout_ms: float | None = None,
+        start_at: datetime | float | None = None,
+        jitter_ms: float = 0,
+        overlap: bool = False,
+        missed: str = "run_once",
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> PeriodicTask:
+        """Runs ``func(*args, **kwargs)`` on a schedule: ``every`` seconds (or a
+        timedelta) or at the times of a ``cron`` expression. Each run is an
+        ordinary task. See docs/background-tasks.md, "Periodic tasks"."""
+        return _periodic.add_periodic_task(
+            self,
+            func,
+            args,
+            kwargs,
+            every=every,
+            cron=cron,
+            timezone=timezone,
+            priority=priority,
+            max_retries=max_retries,
+            timeout_ms=timeout_ms,
+            start_at=start_at,
+            jitter_ms=jitter_ms,
+            overlap=overlap,
+            missed=missed,
+            name=name,
+        )
+
+    def periodic(self, **options: Unpack[PeriodicOptions]) -> Callable[[F], F]:
+        """Decorator form of ``add_periodic_task``, with its options, for a
+        function taking no arguments; the function itself is returned unchanged."""
+
+        def register(func: F) -> F:
+            self.add_periodic_task(func, **options)
+            return func
+
+        return register
+
+    def list_periodic_tasks(self) -> list[PeriodicTask]:
+        """The periodic tasks not cancelled, in the order they were added."""
+        return self._periodic_tasks()
+
+    def get_task(self, task_id: str) -> TaskInfo | None:
+        """The state of a task by id, or None for an unknown (or evicted) id.
+        With storage, tasks of earlier runs are found in the store."""
+        handle = self.get_result(task_id)
+        if handle is not None:
+            return TaskInfo.from_handle(handle)
+        if not self._store_readable():
+            return None
+        try:
+            row = self._stored(task_id)
+        except StorageError:
+            if self._store_readable():
+                raise
+            return None
+        return None if row is None else TaskInfo.from_row(row)
+
+    def list_tasks(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskInfo]:
+        """Tasks newest first, optionally only those with ``status``: the
+        retained ones, or with storage every stored one."""
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int >= 0, got {limit!r}")
+        if not 0 <= limit <= MAX_COUNT:
+            raise ValueError(f"limit must be an int from 0 to {MAX_COUNT}, got {limit!r}")
+        if status is not None and not isinstance(status, TaskStatus):
+            raise TypeError(f"status must be a TaskStatus member or None, got {status!r}")
+        if self._store_readable():
+            try:
+                rows = self._stored_list(None if status is None else status.value, limit)
+                return [TaskInfo.from_row(row) for row in rows]
+            except StorageError:
+                if self._store_readable():
+                    raise
+        return [TaskInfo.from_handle(h) for h in self._list(status, limit)]
+
+    def shutdown(self, wait_for_completion: bool = True, timeout: float = 30.0) -> dict[str, Any]:
+        """Stops intake, lets work finish up to ``timeout`` seconds (with
+        ``wait_for_completion``), cancels and reports the rest. See the docs."""
+        return self._shutdown(wait_for_completion, timeout)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Waits until everything handed to the store is committed (at once
+        without storage); returns whether it was within ``timeout`` seconds."""
+        return self._flush(timeout)
+
+    def _store_readable(self) -> bool:
+        """Storage is configured and has not stopped (then lookups use memory)."""
+        return self.config["storage"] is not None and self.storage_error is None
+
+    def recover(self) -> dict[str, list[str]]:
+        """Runs again the tasks an earlier run left unfinished in the store
+        (pending, scheduled, or interrupted while running), under their own
+        ids: at-least-once. Tasks that cannot run again (a lambda, arguments
+        that are not JSON, a function that no longer imports) are marked
+        failed with the reason. Safe to call more than once.
+
+        ``Catzilla.listen`` calls it before serving."""
+        resubmitted, failed = self._recover()
+        if resubmitted or failed:
+            logger.warning(
+                "recovered %d unfinished task(s) from storage; %d could not run again",
+                len(resubmitted),
+                len(failed),
+            )
+        return {"resubmitted": resubmitted, "failed": failed}
+
+    def __repr__(self) -> str:
+        state = "shut down" if self.is_shutdown else "running"
+        return f"<BackgroundTasks {state} workers={self.config['workers']}>"

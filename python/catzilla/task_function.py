@@ -1,0 +1,98 @@
+"""Declaring task functions: ``@task``, the functions it registers, and
+``current_task()`` for the task running here."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from . import _aio
+from ._catzilla import TaskDefaults, TaskResult, _current_task
+from .enums import TaskPriority
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Functions decorated with ``@task``, by import name (``module.qualname``).
+registered_tasks: dict[str, TaskFunction[Any, Any]] = {}
+
+
+class TaskFunction(Generic[P, R]):
+    """A function decorated with ``@task``: call it to run it directly, or pass
+    it to ``add_task`` to run it in the background with its configured options."""
+
+    def __init__(self, func: Callable[P, R], defaults: TaskDefaults) -> None:
+        functools.update_wrapper(self, func)
+        self.__wrapped__ = func
+        self.name = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+        # What add_task reads: the function and its declared defaults, checked once.
+        self._catzilla_task = (func, defaults)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.__wrapped__(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+
+@overload
+def task(func: Callable[P, R], /) -> TaskFunction[P, R]: ...
+@overload
+def task(
+    *,
+    priority: TaskPriority | None = None,
+    max_retries: int | None = None,
+    timeout_ms: float | None = None,
+    delay_ms: float | None = None,
+    no_retry_for: tuple[type[BaseException], ...] = (),
+) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
+def task(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    priority: TaskPriority | None = None,
+    max_retries: int | None = None,
+    timeout_ms: float | None = None,
+    delay_ms: float | None = None,
+    no_retry_for: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Declares a task function, bare (``@task``) or with options
+    (``@task(priority=TaskPriority.HIGH, max_retries=5)``).
+
+    The options become the defaults when the function is passed to ``add_task``;
+    arguments given to ``add_task`` still win. Exceptions listed in
+    ``no_retry_for`` fail the task at once. The function is registered by its
+    import name in ``registered_tasks``.
+    """
+    if not isinstance(no_retry_for, tuple) or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in no_retry_for
+    ):
+        raise TypeError(f"no_retry_for must be a tuple of exception classes, got {no_retry_for!r}")
+    defaults = TaskDefaults(  # checks each option, as add_task does
+        priority=priority,
+        delay_ms=delay_ms,
+        max_retries=max_retries,
+        timeout_ms=timeout_ms,
+        no_retry_for=no_retry_for or None,
+    )
+
+    def wrap(f: Callable[P, R]) -> TaskFunction[P, R]:
+        if not callable(f):
+            raise TypeError(f"@task needs a callable, got {type(f).__name__} {f!r}")
+        wrapped = TaskFunction(f, defaults)
+        registered_tasks[wrapped.name] = wrapped
+        return wrapped
+
+    return wrap(func) if func is not None else wrap
+
+
+def current_task() -> TaskResult:
+    """The handle of the task running here (sync or async), for example to
+    report progress: ``current_task().set_progress(40, "parsing")``.
+
+    Raises ``RuntimeError`` outside a running task."""
+    handle = _aio.current_task_handle.get() or _current_task()
+    if handle is None:
+        raise RuntimeError("current_task() was called outside a running background task")
+    return handle
