@@ -293,6 +293,18 @@ class Engine:
 
 # Web layer
 
+@final
+class Routes:
+    """An app's routes, compiled as they are declared."""
+
+    def __new__(cls) -> Self: ...
+    @staticmethod
+    def params(path: str) -> list[str]:
+        """The parameter names of a route template; ``ValueError`` for a bad one."""
+    def add(self, method: str, path: str, handler: Callable[..., Any]) -> None:
+        """Adds a route; ``ValueError`` for a duplicate or a conflicting template."""
+    def __len__(self) -> int: ...
+
 def _init_http(spec: dict[str, Any]) -> None:
     """Hands the web layer its helpers and exception classes (once)."""
 
@@ -386,7 +398,7 @@ class Server:
     def __new__(
         cls,
         *,
-        routes: list[tuple[str, str, Callable[[Request], Any]]],
+        routes: Routes,
         max_body_size: int,
         handler_threads: int,
         io_threads: int,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from ._catzilla import Server
+from ._catzilla import Routes, Server
 from ._signals import StopSignals
 from .background_tasks import (
     BackgroundTasks,
@@ -31,7 +30,6 @@ R = TypeVar("R")
 H = TypeVar("H", bound=Callable[..., Any])
 F = TypeVar("F", bound=Callable[..., Any])
 
-_PARAM = re.compile(r"\{\*?([A-Za-z_][A-Za-z0-9_]*)\}")
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
@@ -85,7 +83,7 @@ class Catzilla:
         self.max_connections = max_connections
         self.body_read_timeout = float(body_read_timeout)
         self.routes: list[tuple[str, str, Callable[..., Any]]] = []
-        self._adapters: list[tuple[str, str, Callable[..., Any]]] = []
+        self._routes = Routes()
         self._server: Server | None = None
 
     # Routing
@@ -96,21 +94,19 @@ class Catzilla:
         ``{name}`` in the path is a parameter, given to the handler as
         ``request.path_params["name"]`` and as the keyword argument ``name``
         when the handler declares it (e.g. ``name: str = Path(...)``)."""
-        if not isinstance(path, str) or not path.startswith("/"):
+        if not isinstance(path, str):
             raise ValueError(f"path must be a str starting with '/', got {path!r}")
         wanted = [m.upper() for m in (methods or ["GET"])]
         for m in wanted:
             if m not in _METHODS:
                 raise ValueError(f"unsupported HTTP method {m!r}; use one of {_METHODS}")
-        params = _PARAM.findall(path)
+        params = Routes.params(path)  # the router's own reading of the template
 
         def register(handler: H) -> H:
             adapter = make_adapter(handler, path, params)
             for m in wanted:
-                if any(r[0] == m and r[1] == path for r in self.routes):
-                    raise ValueError(f"route {m} {path} is already defined")
+                self._routes.add(m, path, adapter)  # a duplicate or conflict raises here
                 self.routes.append((m, path, handler))
-                self._adapters.append((m, path, adapter))
             return handler
 
         return register
@@ -151,7 +147,7 @@ class Catzilla:
         waiting: unfinished tasks are cancelled and reported. A port in use
         raises ``OSError``."""
         server = Server(
-            routes=self._adapters,
+            routes=self._routes,
             max_body_size=self.max_body_size,
             handler_threads=self.handler_threads,
             io_threads=self.io_threads,

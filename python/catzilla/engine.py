@@ -44,7 +44,7 @@ def _positive_int(name: str, value: object, minimum: int = 1, maximum: int = 2**
     return value
 
 
-def _non_negative(name: str, value: object, *, positive: bool = False) -> float:
+def _non_negative(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     try:
@@ -53,8 +53,6 @@ def _non_negative(name: str, value: object, *, positive: bool = False) -> float:
         number = float("inf")
     if number != number or number in (float("inf"), float("-inf")) or number < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if positive and number == 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
     return number
 
 
@@ -140,13 +138,13 @@ class BackgroundTasks(Engine):
             max_workers=max_workers,
             queue_size=queue_size,
             enable_auto_scaling=enable_auto_scaling,
-            memory_pool_mb=_non_negative("memory_pool_mb", memory_pool_mb, positive=True),
+            memory_pool_mb=memory_pool_mb,
             enable_profiling=enable_profiling,
-            result_ttl=_non_negative("result_ttl", result_ttl),
-            retry_backoff_ms=_non_negative("retry_backoff_ms", retry_backoff_ms),
-            retry_backoff_cap_ms=_non_negative("retry_backoff_cap_ms", retry_backoff_cap_ms),
-            starvation_ms=_non_negative("starvation_ms", starvation_ms),
-            idle_timeout=_non_negative("idle_timeout", idle_timeout, positive=True),
+            result_ttl=result_ttl,
+            retry_backoff_ms=retry_backoff_ms,
+            retry_backoff_cap_ms=retry_backoff_cap_ms,
+            starvation_ms=starvation_ms,
+            idle_timeout=idle_timeout,
             default_priority=default_priority,
             default_delay_ms=default_delay_ms,
             default_max_retries=default_max_retries,

@@ -4,6 +4,7 @@ pub mod json;
 pub mod request;
 pub mod response;
 pub mod router;
+pub mod routes;
 pub mod server;
 
 use pyo3::prelude::*;
@@ -53,6 +54,7 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<response::HTMLResponse>()?;
     m.add_class::<response::PlainTextResponse>()?;
     m.add_class::<server::Server>()?;
+    m.add_class::<routes::Routes>()?;
     m.add_function(wrap_pyfunction!(_init_http, m)?)?;
     Ok(())
 }

@@ -14,11 +14,49 @@ pub enum Match {
     NotFound,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Router {
     tree: matchit::Router<usize>,
     paths: Vec<BTreeMap<String, usize>>,
     by_pattern: BTreeMap<String, usize>,
+}
+
+/// The parameter names of a route template (`{name}`, and a trailing
+/// `{*rest}`), in order. Errors for a template that does not start with `/`,
+/// or a brace that does not hold a parameter name (`{{` and `}}` stand for
+/// literal braces).
+pub fn template_params(path: &str) -> Result<Vec<String>, String> {
+    if !path.starts_with('/') {
+        return Err(format!("route path must start with '/', got {path:?}"));
+    }
+    let mut names = Vec::new();
+    let mut rest = path;
+    while let Some(at) = rest.find(['{', '}']) {
+        let (brace, after) = (&rest[at..=at], &rest[at + 1..]);
+        if after.starts_with(brace) {
+            rest = &after[1..]; // an escaped literal brace
+            continue;
+        }
+        let close = match (brace, after.find('}')) {
+            ("{", Some(close)) => close,
+            _ => return Err(format!("route {path:?} has an unmatched {brace:?}")),
+        };
+        let name = after[..close].strip_prefix('*').unwrap_or(&after[..close]);
+        let ident = name
+            .chars()
+            .next()
+            .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+            && name.chars().all(|c| c == '_' || c.is_ascii_alphanumeric());
+        if !ident {
+            return Err(format!(
+                "route {path:?}: {{{}}} is not a parameter name",
+                &after[..close]
+            ));
+        }
+        names.push(name.to_string());
+        rest = &after[close + 1..];
+    }
+    Ok(names)
 }
 
 impl Router {

@@ -28,6 +28,7 @@ use super::http_runtime;
 use super::request::Request;
 use super::response::{error_response, to_http, HttpResponse};
 use super::router::{Match, Router};
+use super::routes::Routes;
 use crate::clock::due_after;
 use crate::interpreter::{
     close_event_loop, is_awaitable, lazy_event_loop, AsyncOutcome, ParkOnForcedUnwind,
@@ -117,7 +118,8 @@ impl Server {
     #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout, body_read_timeout, max_pending_requests, max_connections))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        routes: Vec<(String, String, Py<PyAny>)>,
+        py: Python<'_>,
+        routes: PyRef<'_, Routes>,
         max_body_size: usize,
         handler_threads: usize,
         io_threads: usize,
@@ -126,11 +128,6 @@ impl Server {
         max_pending_requests: usize,
         max_connections: usize,
     ) -> PyResult<Self> {
-        if handler_threads == 0 || io_threads == 0 {
-            return Err(PyValueError::new_err(
-                "handler_threads and io_threads must be >= 1",
-            ));
-        }
         let header_timeout = Duration::try_from_secs_f64(header_read_timeout).map_err(|_| {
             PyValueError::new_err("header_read_timeout must be a number of seconds >= 0")
         })?;
@@ -140,18 +137,8 @@ impl Server {
             .ok_or_else(|| {
                 PyValueError::new_err("body_read_timeout must be a number of seconds > 0")
             })?;
-        let mut router = Router::default();
-        let mut handlers = Vec::with_capacity(routes.len());
-        for (method, path, handler) in routes {
-            router
-                .insert(&method, &path, handlers.len())
-                .map_err(PyValueError::new_err)?;
-            handlers.push(handler);
-        }
-        if max_pending_requests == 0 {
-            return Err(PyValueError::new_err("max_pending_requests must be >= 1"));
-        }
-        if max_connections == 0 || max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+        let (router, handlers) = routes.compiled(py);
+        if max_connections > tokio::sync::Semaphore::MAX_PERMITS {
             return Err(PyValueError::new_err(format!(
                 "max_connections must be from 1 to {}, got {max_connections}",
                 tokio::sync::Semaphore::MAX_PERMITS

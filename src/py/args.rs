@@ -61,6 +61,43 @@ pub fn seconds(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
     Ok(Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX))
 }
 
+/// A finite number > 0.
+pub fn positive(name: &'static str, v: &Bound<'_, PyAny>, expected: &'static str) -> Result<f64> {
+    let x = number(name, v, expected)?;
+    if !x.is_finite() || x <= 0.0 {
+        return Err(Error::BadValue(
+            name,
+            format!("must be a finite number > 0, got {}", short(v)),
+        ));
+    }
+    Ok(x)
+}
+
+/// A span of seconds the engine keeps (a TTL, say): a finite number >= 0
+/// that a `Duration` holds; more is an error, not "no limit".
+pub fn span(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
+    let s = seconds(name, v)?;
+    if s == Duration::MAX {
+        return Err(Error::BadValue(
+            name,
+            format!("is too large: {} s", short(v)),
+        ));
+    }
+    Ok(s)
+}
+
+/// A span of seconds, > 0.
+pub fn positive_span(name: &'static str, v: &Bound<'_, PyAny>) -> Result<Duration> {
+    let s = span(name, v)?;
+    if s.is_zero() {
+        return Err(Error::BadValue(
+            name,
+            format!("must be > 0 seconds, got {}", short(v)),
+        ));
+    }
+    Ok(s)
+}
+
 /// A count from 0 to `u32::MAX`.
 pub fn count(name: &'static str, v: &Bound<'_, PyAny>) -> Result<u32> {
     if v.is_instance_of::<PyBool>() || !v.is_instance_of::<PyInt>() {

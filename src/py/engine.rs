@@ -55,32 +55,22 @@ impl Engine {
         max_workers: usize,
         queue_size: usize,
         enable_auto_scaling: bool,
-        memory_pool_mb: f64,
+        memory_pool_mb: &Bound<'_, PyAny>,
         enable_profiling: bool,
-        result_ttl: f64,
-        retry_backoff_ms: f64,
-        retry_backoff_cap_ms: f64,
-        starvation_ms: f64,
-        idle_timeout: f64,
+        result_ttl: &Bound<'_, PyAny>,
+        retry_backoff_ms: &Bound<'_, PyAny>,
+        retry_backoff_cap_ms: &Bound<'_, PyAny>,
+        starvation_ms: &Bound<'_, PyAny>,
+        idle_timeout: &Bound<'_, PyAny>,
         default_priority: &Bound<'_, PyAny>,
         default_delay_ms: &Bound<'_, PyAny>,
         default_max_retries: &Bound<'_, PyAny>,
         default_timeout_ms: &Bound<'_, PyAny>,
         storage: Option<String>,
         storage_strict: bool,
-        flush_timeout: f64,
+        flush_timeout: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let rt = runtime(py)?;
-        let secs = |name: &'static str, v: f64| -> Result<Duration> {
-            if !v.is_finite() || v < 0.0 {
-                return Err(Error::BadValue(
-                    name,
-                    format!("must be a finite number >= 0, got {v}"),
-                ));
-            }
-            Duration::try_from_secs_f64(v)
-                .map_err(|_| Error::BadValue(name, format!("is too large: {v}")))
-        };
         let origin = Instant::now();
         let lane = rt.lane_of(default_priority)?;
         let defaults = Defaults {
@@ -90,7 +80,7 @@ impl Engine {
             timeout: timeout_of(args::millis("timeout_ms", default_timeout_ms)?),
         };
         let sched = Arc::new(
-            Scheduler::new(queue_size, secs("starvation_ms", starvation_ms / 1000.0)?)
+            Scheduler::new(queue_size, args::millis("starvation_ms", starvation_ms)?)
                 .with_due_hook(Box::new(|job: &Job| job.mark_ready())),
         );
         let seed = origin.elapsed().as_nanos() as u64
@@ -100,11 +90,11 @@ impl Engine {
         let prefix = (rng.next_u64() >> 32) as u32;
         let watchdog = Arc::new(Watchdog::new(origin));
         let backoff = Backoff {
-            base: secs("retry_backoff_ms", retry_backoff_ms / 1000.0)?,
-            cap: secs("retry_backoff_cap_ms", retry_backoff_cap_ms / 1000.0)?,
+            base: args::millis("retry_backoff_ms", retry_backoff_ms)?,
+            cap: args::millis("retry_backoff_cap_ms", retry_backoff_cap_ms)?,
         };
-        let result_ttl = secs("result_ttl", result_ttl)?;
-        let flush_timeout = secs("flush_timeout", flush_timeout)?;
+        let result_ttl = args::span("result_ttl", result_ttl)?;
+        let flush_timeout = args::span("flush_timeout", flush_timeout)?;
         let store: Option<Arc<dyn Records>> = match storage {
             Some(path) => Some(Arc::new(
                 py.detach(|| SqliteStore::open(&path, result_ttl, Box::new(log_degraded)))
@@ -112,7 +102,9 @@ impl Engine {
             )),
             None => None,
         };
-        let idle_timeout = secs("idle_timeout", idle_timeout)?;
+        let pool_bytes =
+            (args::positive("memory_pool_mb", memory_pool_mb, "a number of MB")? * MB) as u64;
+        let idle_timeout = args::positive_span("idle_timeout", idle_timeout)?;
         let async_histogram = new_histogram().map_err(Error::from)?;
         let first_sample = crate::tasks::stats::Sample {
             at: origin,
@@ -138,7 +130,7 @@ impl Engine {
                 order: VecDeque::new(),
                 bytes: 0,
             }),
-            pool_bytes: (memory_pool_mb.max(0.0) * MB) as u64,
+            pool_bytes,
             result_ttl,
             queue_size,
             rate: Mutex::new(RateWindow::new(Duration::from_secs(10), origin)),
