@@ -178,6 +178,19 @@ fn decode(s: &str, keep_slash: bool) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn template_params_read_names_and_refuse_bad_templates() {
+        assert_eq!(
+            template_params("/a/{id}/b/{*rest}").unwrap(),
+            ["id", "rest"]
+        );
+        assert_eq!(template_params("/{{x}}/{y}").unwrap(), ["y"]);
+        assert!(template_params("/plain").unwrap().is_empty());
+        for bad in ["no-slash", "/{1x}", "/{}", "/{a", "/a}", "/{a-b}"] {
+            assert!(template_params(bad).is_err(), "{bad}");
+        }
+    }
+
     fn router() -> Router {
         let mut r = Router::default();
         r.insert("GET", "/", 0).unwrap();
