@@ -7,22 +7,10 @@ import json
 import logging
 import sys
 
-from . import _aio
+from . import _aio, errors
 from ._catzilla import _init_runtime
 from ._log import reporter
 from .enums import TaskPriority, TaskStatus
-from .errors import (
-    EngineShutdownError,
-    NonRetryableError,
-    NotRestartableError,
-    StorageError,
-    TaskCancelledError,
-    TaskInterrupt,
-    TaskNotReadyError,
-    TaskPanicError,
-    TaskQueueFullError,
-    TaskTimeoutError,
-)
 from .recovery import resolve
 from .task_function import TaskFunction
 from .task_info import encode_error
@@ -33,24 +21,24 @@ _init_runtime(
     {
         "priorities": tuple(TaskPriority),
         "statuses": tuple(TaskStatus),
-        "TaskQueueFullError": TaskQueueFullError,
-        "EngineShutdownError": EngineShutdownError,
-        "TaskNotReadyError": TaskNotReadyError,
-        "TaskTimeoutError": TaskTimeoutError,
-        "TaskCancelledError": TaskCancelledError,
-        "TaskPanicError": TaskPanicError,
-        "TaskInterrupt": TaskInterrupt,
-        "NonRetryableError": NonRetryableError,
+        "TaskQueueFullError": errors.TaskQueueFullError,
+        "EngineShutdownError": errors.EngineShutdownError,
+        "TaskNotReadyError": errors.TaskNotReadyError,
+        "TaskTimeoutError": errors.TaskTimeoutError,
+        "TaskCancelledError": errors.TaskCancelledError,
+        "TaskPanicError": errors.TaskPanicError,
+        "TaskInterrupt": errors.TaskInterrupt,
+        "NonRetryableError": errors.NonRetryableError,
         "TaskFunction": TaskFunction,
         "getsizeof": sys.getsizeof,
         "EventLoopThread": _aio.EventLoopThread,
         "report": _report,
         "await_result": _aio.await_result,
-        "StorageError": StorageError,
+        "StorageError": errors.StorageError,
         "json_dumps": json.dumps,
         "json_loads": json.loads,
         "encode_error": encode_error,
         "resolve": resolve,
-        "NotRestartableError": NotRestartableError,
+        "NotRestartableError": errors.NotRestartableError,
     }
 )

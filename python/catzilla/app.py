@@ -13,13 +13,13 @@ from .background_tasks import (
     PeriodicTask,
     TaskFunction,
     TaskInfo,
-    TaskPriority,
     TaskResult,
     TaskStatus,
     task,
 )
 from .errors import EngineShutdownError
 from .periodic import PeriodicOptions
+from .task_function import TaskOptions
 from .web import make_adapter
 
 if TYPE_CHECKING:
@@ -213,37 +213,18 @@ class Catzilla:
         return self._engine().add_task(func, *args, **kwargs)
 
     @overload
-    def task(self, func: Callable[P, R]) -> TaskFunction[P, R]: ...
+    def task(self, func: Callable[P, R], /) -> TaskFunction[P, R]: ...
     @overload
     def task(
-        self,
-        *,
-        priority: TaskPriority | None = None,
-        max_retries: int | None = None,
-        timeout_ms: float | None = None,
-        delay_ms: float | None = None,
-        no_retry_for: tuple[type[BaseException], ...] = (),
+        self, /, **options: Unpack[TaskOptions]
     ) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
     def task(
-        self,
-        func: Callable[..., Any] | None = None,
-        *,
-        priority: TaskPriority | None = None,
-        max_retries: int | None = None,
-        timeout_ms: float | None = None,
-        delay_ms: float | None = None,
-        no_retry_for: tuple[type[BaseException], ...] = (),
+        self, func: Callable[..., Any] | None = None, /, **options: Unpack[TaskOptions]
     ) -> Any:
         """The ``@task`` decorator (see ``catzilla.background_tasks.task``),
         available once the engine is enabled."""
         self._engine()
-        decorate = task(
-            priority=priority,
-            max_retries=max_retries,
-            timeout_ms=timeout_ms,
-            delay_ms=delay_ms,
-            no_retry_for=no_retry_for,
-        )
+        decorate = task(**options)
         return decorate(func) if func is not None else decorate
 
     def add_periodic_task(

@@ -190,22 +190,30 @@ class BackgroundTasks(Engine):
         """Runs ``func(*args, **kwargs)`` on a schedule: ``every`` seconds (or a
         timedelta) or at the times of a ``cron`` expression. Each run is an
         ordinary task. See docs/background-tasks.md, "Periodic tasks"."""
-        return _periodic.add_periodic_task(
-            self,
+        _periodic.check_options(
+            func,
+            cron=cron,
+            timezone=timezone,
+            jitter_ms=jitter_ms,
+            overlap=overlap,
+            missed=missed,
+            name=name,
+        )
+        return self._add_periodic(
             func,
             args,
             kwargs,
-            every=every,
+            every=_periodic.seconds("every", every),
             cron=cron,
             timezone=timezone,
             priority=priority,
             max_retries=max_retries,
             timeout_ms=timeout_ms,
-            start_at=start_at,
-            jitter_ms=jitter_ms,
+            start_at=_periodic.epoch(start_at),
+            jitter_ms=float(jitter_ms),
             overlap=overlap,
             missed=missed,
-            name=name,
+            name=_periodic.default_name(func) if name is None else name,
         )
 
     def periodic(self, **options: Unpack[PeriodicOptions]) -> Callable[[F], F]:

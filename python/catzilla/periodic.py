@@ -10,12 +10,19 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
-from ._catzilla import Engine, PeriodicTask
+from ._catzilla import PeriodicTask
 
 if TYPE_CHECKING:
     from .background_tasks import TaskPriority
 
-__all__ = ["MISSED_POLICIES", "PeriodicOptions", "PeriodicTask", "add_periodic_task"]
+__all__ = [
+    "MISSED_POLICIES",
+    "PeriodicOptions",
+    "PeriodicTask",
+    "check_options",
+    "epoch",
+    "seconds",
+]
 
 
 class PeriodicOptions(TypedDict, total=False):
@@ -40,7 +47,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 MISSED_POLICIES = ("run_once", "skip")
 
 
-def _seconds(name: str, value: object) -> float | None:
+def seconds(name: str, value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, timedelta):
@@ -50,7 +57,7 @@ def _seconds(name: str, value: object) -> float | None:
     return float(value)
 
 
-def _epoch(value: object) -> float | None:
+def epoch(value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, datetime):
@@ -60,31 +67,24 @@ def _epoch(value: object) -> float | None:
     return float(value)
 
 
-def _default_name(func: Callable[..., Any]) -> str:
+def default_name(func: Callable[..., Any]) -> str:
     module = getattr(func, "__module__", None) or "?"
     qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
     return f"{module}.{qualname}"
 
 
-def add_periodic_task(
-    engine: Engine,
+def check_options(
     func: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
     *,
-    every: float | timedelta | None,
     cron: str | None,
     timezone: str,
-    priority: Any,
-    max_retries: int | None,
-    timeout_ms: float | None,
-    start_at: datetime | float | None,
     jitter_ms: float,
     overlap: bool,
     missed: str,
     name: str | None,
-) -> PeriodicTask:
-    """Checks the arguments and registers the schedule on ``engine``."""
+) -> None:
+    """The checks of ``add_periodic_task``'s arguments that the native core
+    does not make itself."""
     if not callable(func):
         raise TypeError(f"func must be callable, got {func!r}")
     if cron is not None and not isinstance(cron, str):
@@ -99,19 +99,3 @@ def add_periodic_task(
         raise ValueError(f"missed must be one of {MISSED_POLICIES}, got {missed!r}")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, got {name!r}")
-    return engine._add_periodic(
-        func,
-        args,
-        kwargs,
-        every=_seconds("every", every),
-        cron=cron,
-        timezone=timezone,
-        priority=priority,
-        max_retries=max_retries,
-        timeout_ms=timeout_ms,
-        start_at=_epoch(start_at),
-        jitter_ms=float(jitter_ms),
-        overlap=overlap,
-        missed=missed,
-        name=_default_name(func) if name is None else name,
-    )

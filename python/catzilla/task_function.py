@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypedDict, TypeVar, overload
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 from . import _aio
 from ._catzilla import TaskDefaults, TaskResult, _current_task
@@ -36,27 +39,21 @@ class TaskFunction(Generic[P, R]):
         return f"<task {self.name}>"
 
 
+class TaskOptions(TypedDict, total=False):
+    """The options of ``@task``: the function's defaults for ``add_task``."""
+
+    priority: TaskPriority | None
+    max_retries: int | None
+    timeout_ms: float | None
+    delay_ms: float | None
+    no_retry_for: tuple[type[BaseException], ...]
+
+
 @overload
 def task(func: Callable[P, R], /) -> TaskFunction[P, R]: ...
 @overload
-def task(
-    *,
-    priority: TaskPriority | None = None,
-    max_retries: int | None = None,
-    timeout_ms: float | None = None,
-    delay_ms: float | None = None,
-    no_retry_for: tuple[type[BaseException], ...] = (),
-) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
-def task(
-    func: Callable[..., Any] | None = None,
-    /,
-    *,
-    priority: TaskPriority | None = None,
-    max_retries: int | None = None,
-    timeout_ms: float | None = None,
-    delay_ms: float | None = None,
-    no_retry_for: tuple[type[BaseException], ...] = (),
-) -> Any:
+def task(**options: Unpack[TaskOptions]) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
+def task(func: Callable[..., Any] | None = None, /, **options: Unpack[TaskOptions]) -> Any:
     """Declares a task function, bare (``@task``) or with options
     (``@task(priority=TaskPriority.HIGH, max_retries=5)``).
 
@@ -65,15 +62,19 @@ def task(
     ``no_retry_for`` fail the task at once. The function is registered by its
     import name in ``registered_tasks``.
     """
+    no_retry_for = options.get("no_retry_for", ())
     if not isinstance(no_retry_for, tuple) or not all(
         isinstance(t, type) and issubclass(t, BaseException) for t in no_retry_for
     ):
         raise TypeError(f"no_retry_for must be a tuple of exception classes, got {no_retry_for!r}")
+    unknown = sorted(set(options) - TaskOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(f"task() got unexpected option(s): {', '.join(unknown)}")
     defaults = TaskDefaults(  # checks each option, as add_task does
-        priority=priority,
-        delay_ms=delay_ms,
-        max_retries=max_retries,
-        timeout_ms=timeout_ms,
+        priority=options.get("priority"),
+        delay_ms=options.get("delay_ms"),
+        max_retries=options.get("max_retries"),
+        timeout_ms=options.get("timeout_ms"),
         no_retry_for=no_retry_for or None,
     )
 
