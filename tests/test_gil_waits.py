@@ -132,3 +132,44 @@ def test_a_forked_child_drops_its_copy_of_a_stored_engine_without_waiting():
         """,
         timeout=60,
     )
+
+
+def test_a_task_timeout_leaves_no_pending_interrupt_behind():
+    # A timed-out sync task is interrupted with an asynchronous exception; the
+    # engine must not leave CPython's "pending" flag set with nothing to raise,
+    # or code under sys.settrace (debuggers, coverage) loops forever.
+    assert_finished(
+        """
+        import sys, time
+        from catzilla.background_tasks import BackgroundTasks, TaskTimeoutError
+
+        engine = BackgroundTasks(workers=1, max_workers=1, enable_auto_scaling=False)
+
+        def spin(seconds):
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                pass
+
+        def quick():
+            return "ok"
+
+        for timeout_ms in (100, 50):
+            r = engine.add_task(spin, 5, timeout_ms=timeout_ms, max_retries=0)
+            try:
+                r.wait(10)
+            except TaskTimeoutError:
+                pass
+            else:
+                raise AssertionError("the task was not timed out")
+        assert engine.add_task(quick).wait(10) == "ok"
+        engine.shutdown()
+        sys.settrace(lambda frame, event, arg: None)
+
+        def f():
+            return 1
+
+        assert f() == 1
+        sys.settrace(None)
+        """,
+        timeout=30,
+    )
