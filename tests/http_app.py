@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from datetime import date, datetime
 
@@ -305,6 +306,69 @@ async def async_none(request: Request) -> None:
 def sync_sleep(request: Request, delay: float = Query(0.5)) -> dict:
     time.sleep(delay)
     return {"slept": delay}
+
+
+# Concurrency probes: each request joins a named group and stays in its
+# handler until `want` requests of the group have been in their handlers at
+# once, then `hold` seconds more. They count how many handlers run at once,
+# instead of inferring it from how long a batch of requests took. A group
+# that waited GATHER_LIMIT seconds in vain gives up, all its requests at once.
+
+GATHER_LIMIT = 10.0
+_gather = threading.Condition()
+_groups: dict[str, dict[str, int]] = {}
+
+
+def _join(group: str) -> dict[str, int]:
+    with _gather:
+        g = _groups.setdefault(group, {"in": 0, "peak": 0, "gave_up": 0})
+        g["in"] += 1
+        g["peak"] = max(g["peak"], g["in"])
+        _gather.notify_all()
+        return g
+
+
+def _gathered(g: dict[str, int], want: int) -> bool:
+    return g["peak"] >= want or bool(g["gave_up"])
+
+
+def _leave(g: dict[str, int], want: int) -> dict:
+    with _gather:
+        g["in"] -= 1
+        return {"reached": g["peak"] >= want, "peak": g["peak"]}
+
+
+@app.get("/sync/gather")
+def sync_gather(
+    request: Request, group: str = Query(...), want: int = Query(...), hold: float = Query(0.3)
+) -> dict:
+    g = _join(group)
+    try:
+        with _gather:
+            if not _gather.wait_for(lambda: _gathered(g, want), GATHER_LIMIT):
+                g["gave_up"] = 1
+                _gather.notify_all()
+        time.sleep(hold)  # still in the handler: one more at once would show
+    finally:
+        reply = _leave(g, want)
+    return reply
+
+
+@app.get("/async/gather")
+async def async_gather(
+    request: Request, group: str = Query(...), want: int = Query(...), hold: float = Query(0.3)
+) -> dict:
+    g = _join(group)
+    try:
+        end = time.monotonic() + GATHER_LIMIT
+        while not _gathered(g, want) and time.monotonic() < end:
+            await asyncio.sleep(0.005)
+        if not _gathered(g, want):
+            g["gave_up"] = 1
+        await asyncio.sleep(hold)
+    finally:
+        reply = _leave(g, want)
+    return reply
 
 
 @app.get("/async/boom")

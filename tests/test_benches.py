@@ -247,7 +247,7 @@ def baseline_venvs() -> Iterator[Callable[[tuple[str, ...]], None]]:
     yield ensure
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 @pytest.mark.parametrize("bench", BENCH_SCRIPTS, ids=lambda b: b.script)
 def test_quick_run_completes_and_prints_its_results(
     bench: Bench, baseline_venvs: Callable[[tuple[str, ...]], None], tmp_path: Path

@@ -331,18 +331,32 @@ def test_async_task_timeout(engine):
 
 def test_coroutine_tasks_run_concurrently(make_engine):
     e = make_engine(workers=4)
+    n = 100
+    # Counted, not timed: each coroutine waits until all n have been in
+    # flight at once. Run a few at a time (one per worker), they could never
+    # all be; then the first to give up makes the others give up too.
+    flight = {"in": 0, "peak": 0, "gave_up": False}
+    lock = threading.Lock()
 
-    async def nap(i):
-        await asyncio.sleep(0.5)
+    async def gather(i):
+        with lock:
+            flight["in"] += 1
+            flight["peak"] = max(flight["peak"], flight["in"])
+        try:
+            end = time.monotonic() + DEADLINE
+            while flight["peak"] < n and not flight["gave_up"]:
+                if time.monotonic() >= end:
+                    flight["gave_up"] = True
+                await asyncio.sleep(0.005)
+        finally:
+            with lock:
+                flight["in"] -= 1
         return i
 
-    t0 = time.monotonic()
-    handles = [e.add_task(nap, i) for i in range(100)]
-    results = [h.wait(DEADLINE) for h in handles]
-    elapsed = time.monotonic() - t0
-    assert results == list(range(100))
-    # 100 x 0.5 s run one at a time per worker would take >= 12.5 s.
-    assert elapsed < 3.0
+    handles = [e.add_task(gather, i) for i in range(n)]
+    results = [h.wait(DEADLINE * 2) for h in handles]
+    assert results == list(range(n))
+    assert flight["peak"] == n and not flight["gave_up"], flight
     assert all(h.status is TaskStatus.COMPLETED for h in handles)
 
 

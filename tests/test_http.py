@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -485,41 +486,40 @@ def test_async_handler_http_error_and_none(client: Client):
     assert r.body == b""
 
 
-def test_sync_handlers_run_on_several_threads(client: Client):
-    n, delay, threads = 8, 0.5, 4  # Catzilla's default handler_threads
+def gather(client: Client, kind: str, n: int, want: int) -> list[dict]:
+    """Sends n requests at once to /{kind}/gather (see tests/http_app.py), a
+    group that waits in its handlers until ``want`` of them are in at once;
+    returns what each saw."""
+    group = uuid.uuid4().hex
     barrier = threading.Barrier(n)
 
     def one(_: int) -> Reply:
         barrier.wait(DEADLINE)
-        return client.get(f"/sync/sleep?delay={delay}")
+        return client.get(f"/{kind}/gather?group={group}&want={want}")
 
-    start = time.monotonic()
     with ThreadPoolExecutor(n) as pool:
         replies = list(pool.map(one, range(n)))
-    elapsed = time.monotonic() - start
     assert [r.status for r in replies] == [200] * n
-    # One thread: n * delay = 4 s; four: ~1 s.
-    assert elapsed < n * delay * 0.75, f"{n} sleeping sync handlers took {elapsed:.2f} s"
-    assert elapsed >= n * delay / threads * 0.9, "more handlers ran at once than threads"
+    return [r.json() for r in replies]
+
+
+def test_sync_handlers_run_on_several_threads(client: Client):
+    # Counted, not timed: how many sync handlers were ever running at once.
+    n, threads = 8, 4  # Catzilla's default handler_threads
+    seen = gather(client, "sync", n, want=threads)
+    assert all(s["reached"] for s in seen), f"never {threads} sync handlers at once: {seen}"
+    # Each one stays in its handler a while after the group gathered, so a
+    # fifth handler running at the same time would raise the peak.
+    peak = max(s["peak"] for s in seen)
+    assert peak == threads, f"{peak} sync handlers ran at once on {threads} threads"
 
 
 def test_async_requests_overlap(client: Client):
-    n, delay = 10, 0.5
-    barrier = threading.Barrier(n)
-
-    def one(_: int) -> Reply:
-        barrier.wait(DEADLINE)
-        return client.get(f"/async/sleep?delay={delay}")
-
-    start = time.monotonic()
-    with ThreadPoolExecutor(n) as pool:
-        replies = list(pool.map(one, range(n)))
-    elapsed = time.monotonic() - start
-    assert [r.status for r in replies] == [200] * n
-    # Run one after another they would take n * delay = 5 s; overlapping, ~delay.
-    assert elapsed < n * delay * 0.8, f"{n} concurrent async requests took {elapsed:.2f} s"
-    peak = max(r.json()["peak"] for r in replies)
-    assert peak >= 2, "no two async handlers were ever awaiting at the same time"
+    # All of them awaiting in their handlers at the same time, counted.
+    n = 10
+    seen = gather(client, "async", n, want=n)
+    assert all(s["reached"] for s in seen), f"never {n} async handlers awaiting at once: {seen}"
+    assert max(s["peak"] for s in seen) == n
 
 
 # Connections
@@ -700,7 +700,6 @@ def test_sigterm_lets_in_flight_request_and_queued_tasks_finish(
     t = threading.Thread(target=call, daemon=True)
     t.start()
     p.wait_for(f"handler enqueued {count}")
-    start = time.monotonic()
     p.proc.send_signal(signal.SIGTERM)
     t.join(HTTP_TIMEOUT)
     assert result, "the in-flight request never got an answer"
@@ -716,9 +715,7 @@ def test_sigterm_lets_in_flight_request_and_queued_tasks_finish(
     except Exception:
         pytest.fail(f"the server did not exit within 15 s of SIGTERM:\n{p.output()}")
     p.join_readers()
-    elapsed = time.monotonic() - start
     assert code == 0, p.output()
-    assert elapsed < 15
     out = "\n".join(p.lines())
     for i in range(count):
         assert f"task t{i} completed" in out, f"task t{i} was lost:\n{p.output()}"
@@ -733,7 +730,7 @@ def test_second_sigint_stops_the_drain_and_reports_what_was_left(
     own_app: tuple[ServerProcess, Client],
 ):
     p, client = own_app
-    count = 6  # with 2 workers, three seconds of work
+    count = 10  # with 2 workers, five seconds of work
     reply = client.post(f"/enqueue-slow?count={count}&hold=0")
     assert reply.status == 200
     p.wait_for("task t0 started")
@@ -747,17 +744,17 @@ def test_second_sigint_stops_the_drain_and_reports_what_was_left(
         return False
 
     wait_until(refused, what="the server to stop accepting")
-    start = time.monotonic()
     p.proc.send_signal(signal.SIGINT)
     code = p.proc.wait(15)
     p.join_readers()
     assert code == 0, p.output()
-    assert time.monotonic() - start < 2.5, "the second Ctrl+C did not cut the drain short"
     out = p.output()
     assert "Traceback" not in out
     assert "listen returned" in out
+    # Cut short: not every task ran (a drain left alone would finish them
+    # all), and the report says so. Counted, not timed.
     finished = sum(f"task t{i} completed" in out for i in range(count))
-    assert finished < count
+    assert finished < count, "the second Ctrl+C did not cut the drain short"
     assert "shutdown cancelled" in out, out
 
 

@@ -36,27 +36,65 @@ def stamp(into: Recorder) -> Any:
 # Intervals
 
 
+# Due times against start times: the engine computes due times from
+# SystemTime (CLOCK_REALTIME), the same clock as time.time(), and only turns
+# them into monotonic deadlines to sleep, in a way that errs late (the wall
+# clock is read before the monotonic one). So a run that reads
+# ``p.next_run_at`` and then time.time() has started at or after the due
+# time that armed that next run, exactly: EPS only absorbs float rounding of
+# epoch seconds (about 1e-7 s), not scheduling noise. A wall clock stepped
+# back while the test runs would still break this, and nothing else should.
+EPS = 1e-4
+
+
+def on_grid(t: float, origin: float, period: float) -> int:
+    """The index of ``t`` on the grid ``origin + k * period``; fails if ``t``
+    is off it by more than float rounding."""
+    k = round((t - origin) / period)
+    off = t - (origin + k * period)
+    assert abs(off) < EPS, f"{t} is {off:+.6f} s off the grid of {period} s"
+    return k
+
+
 def test_interval_runs_follow_the_schedule_not_the_previous_run(make_engine):
     engine = make_engine(workers=2)
-    starts = Recorder()
+    seen = Recorder()  # (next_run_at as the run started, time.time() just after)
     period = 0.1
+    added = threading.Event()
+    holder: list[PeriodicTask] = []
 
     def slowish() -> None:
-        starts.append(time.time())
+        assert added.wait(DEADLINE)
+        seen.append((holder[0].next_run_at, time.time()))
         time.sleep(0.03)  # a run that takes time must not push the next one later
 
+    before = time.time()
     p = engine.add_periodic_task(slowish, every=period)
+    after = time.time()
+    holder.append(p)
+    added.set()
     first_due = p.next_run_at
     assert first_due is not None
-    assert first_due >= time.time() - 0.01  # the first run is one period from now
-    wait_until(lambda: len(starts) >= 8, what="eight runs")
-    runs = starts.snapshot()[:8]
-    for k, started in enumerate(runs):
-        due = first_due + k * period
-        assert started >= due - 0.002, f"run {k} started {due - started:.3f} s early"
-        # Generous: the point is that lateness does not add up run after run.
-        assert started - due < 0.5, f"run {k} drifted {started - due:.3f} s"
-    assert p.runs >= 8 and p.failures == 0 and p.skipped == 0
+    # The first run is one period after the call (same clock on both sides).
+    assert before + period - EPS <= first_due <= after + period + EPS
+    wait_until(lambda: len(seen) >= 8, what="eight runs")
+    runs = seen.snapshot()[:8]
+    slots = []
+    for i, (nxt, started) in enumerate(runs):
+        assert nxt is not None
+        # Every next due time is on the grid of the first one: computed from
+        # the schedule, never from when a run started or ended (a run ends
+        # 0.03 s after it starts, so that would be far off the grid).
+        k = on_grid(nxt, first_due, period)
+        slots.append(k)
+        # The firing that armed slot k was due at slot k - 1: the run started
+        # at or after that due time, never early.
+        due = first_due + (k - 1) * period
+        assert started >= due - EPS, f"run {i} started {due - started:.6f} s before it was due"
+    # Each run is a later slot than the one before (a late run may let the
+    # schedule skip a slot under load, but never repeats or goes back).
+    assert slots[0] >= 1 and slots == sorted(set(slots)), slots
+    assert p.runs >= 8 and p.failures == 0
     assert p.name.endswith("slowish")
     assert p.schedule == "every 0.1 s"
 
@@ -116,7 +154,7 @@ def test_start_at_sets_the_first_run(make_engine):
     p = engine.add_periodic_task(stamp(runs), every=10, start_at=start)
     assert p.next_run_at == pytest.approx(start)
     wait_until(lambda: runs, what="the first run")
-    assert runs.snapshot()[0] >= start - 0.002
+    assert runs.snapshot()[0] >= start - EPS
     when = datetime.now(UTC) + timedelta(seconds=5)
     q = engine.add_periodic_task(stamp(runs), every=60, start_at=when, name="later")
     assert q.next_run_at == pytest.approx(when.timestamp())
@@ -124,16 +162,49 @@ def test_start_at_sets_the_first_run(make_engine):
 
 def test_jitter_moves_runs_later_only_and_within_bound(make_engine):
     engine = make_engine(workers=2)
-    runs = Recorder()
-    p = engine.add_periodic_task(stamp(runs), every=0.1, jitter_ms=50)
-    first_due = p.next_run_at
-    assert first_due is not None
-    wait_until(lambda: len(runs) >= 4, what="four runs")
-    # next_run_at includes the jitter; the schedule itself stays on the grid.
-    for started in runs.snapshot()[:4]:
-        k = round((started - first_due) / 0.1)
-        offset = started - (first_due + k * 0.1)
-        assert -0.06 <= offset < 0.5
+    period, jitter = 0.2, 0.05
+    seen = Recorder()  # (next_run_at as the run started, time.time() just after)
+    added = threading.Event()
+    holder: list[PeriodicTask] = []
+
+    def run() -> None:
+        assert added.wait(DEADLINE)
+        seen.append((holder[0].next_run_at, time.time()))
+
+    before = time.time()
+    p = engine.add_periodic_task(run, every=period, jitter_ms=jitter * 1000)
+    after = time.time()
+    holder.append(p)
+    added.set()
+    first_fire = p.next_run_at
+    assert first_fire is not None
+    wait_until(lambda: len(seen) >= 6, what="six runs")
+    records = seen.snapshot()
+    # next_run_at is when the next run fires: its due time plus its jitter.
+    # The due times are on the grid anchored at the call (the engine read its
+    # clock between before and after), so each firing time less its slot's
+    # offset lies in [due_0, due_0 + jitter): later only, by less than jitter.
+    # (jitter is a quarter period, so the slot of a firing time is unambiguous.)
+    fires = {0: first_fire}  # slot -> firing time
+    for nxt, _ in records:
+        assert nxt is not None
+        fires[round((nxt - first_fire) / period)] = nxt
+    offsets = [fire - k * period for k, fire in fires.items()]
+    for base in offsets:
+        assert before + period - EPS <= base, f"a run fires {before + period - base:.4f} s early"
+        assert base < after + period + jitter + EPS, f"jitter {base - before - period:.4f} s"
+    # The jitter is drawn afresh for each run: the firing times are not all
+    # on one grid.
+    assert max(offsets) - min(offsets) > 1e-6, offsets
+    # Each run starts at or after its firing time: the run that saw slot k
+    # armed was fired by slot k - 1 (when that one was seen armed).
+    checked = 0
+    for nxt, started in records:
+        k = round((nxt - first_fire) / period)
+        if k - 1 in fires:
+            assert started >= fires[k - 1] - EPS, f"a run started {fires[k - 1] - started} s early"
+            checked += 1
+    assert checked >= 1
 
 
 # Cron
@@ -142,9 +213,13 @@ def test_jitter_moves_runs_later_only_and_within_bound(make_engine):
 def test_cron_with_seconds_fires_on_the_named_seconds(make_engine):
     engine = make_engine(workers=2)
     runs = Recorder()
+    before = time.time()
     p = engine.add_periodic_task(stamp(runs), cron="* * * * * *")  # every second
+    after = time.time()
     due = p.next_run_at
-    assert due is not None and due == math.floor(due) and due > time.time() - 1
+    # The first whole second after the call (the engine read the same clock
+    # between before and after).
+    assert due is not None and due == math.floor(due) and before < due <= math.floor(after) + 1
     wait_until(lambda: len(runs) >= 2, timeout=DEADLINE, what="two runs a second apart")
     a, b = runs.snapshot()[:2]
     assert a >= due and b >= due + 1
@@ -369,7 +444,7 @@ TWO_PROCESSES = """
 import os, sys, time
 from catzilla.background_tasks import BackgroundTasks
 
-log = sys.argv[2]
+log, stop = sys.argv[2], sys.argv[3]
 
 
 def beat():
@@ -380,8 +455,8 @@ def beat():
 engine = BackgroundTasks(workers=2, storage="sqlite:///" + sys.argv[1])
 p = engine.add_periodic_task(beat, every=0.1, name="shared-beat")
 print("READY", flush=True)
-end = time.time() + float(sys.argv[3])
-while time.time() < end:
+end = time.monotonic() + 60  # in case the test dies without saying stop
+while not os.path.exists(stop) and time.monotonic() < end:
     time.sleep(0.01)
 p.cancel()
 engine.shutdown(timeout=10)
@@ -392,35 +467,64 @@ print("RUNS", p.runs, flush=True)
 def test_two_processes_on_one_store_fire_each_run_once(tmp_path: Path):
     db = tmp_path / "tasks.db"
     log = tmp_path / "beats.log"
+    stop = tmp_path / "stop"
     script = tmp_path / "two.py"
     script.write_text(textwrap.dedent(TWO_PROCESSES))
     BackgroundTasks(workers=1, storage=storage(db)).shutdown()  # create the file first
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(db), str(log), "2.0"],
+            [sys.executable, str(script), str(db), str(log), str(stop)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
         for _ in range(2)
     ]
-    outs = [p.communicate(timeout=60)[0] for p in procs]
+
+    def beats() -> list[list[str]]:
+        if not log.exists():
+            return []
+        text = log.read_text()
+        return [line.split() for line in text[: text.rfind("\n") + 1].splitlines()]
+
+    def both_ran() -> bool:
+        if any(p.poll() is not None for p in procs):
+            return True  # one ended early: stop waiting, the checks below say why
+        ran = beats()
+        return len({b[0] for b in ran}) == 2 and len(ran) >= 10
+
+    try:
+        # Until both processes have run some of the shared schedule's runs (a
+        # condition, not a fixed time: either may be slow to start).
+        wait_until(
+            both_ran, timeout=60, interval=0.05, what="both processes to run the shared schedule"
+        )
+    finally:
+        stop.touch()
+        outs = [p.communicate(timeout=60)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    beats = [line.split() for line in log.read_text().splitlines()]
-    pids = {b[0] for b in beats}
-    times = sorted(float(b[1]) for b in beats)
+    ran = beats()
     with sqlite3.connect(db) as conn:
-        claimed = conn.execute(
-            "SELECT COUNT(*), COUNT(DISTINCT pid) FROM catzilla_schedule_runs "
-            "WHERE name = 'shared-beat'"
+        (anchor,) = conn.execute(
+            "SELECT anchor FROM catzilla_schedules WHERE name = 'shared-beat'"
         ).fetchone()
-    assert len(beats) == claimed[0], "every claimed run ran once, and no run ran unclaimed"
-    assert 10 <= len(beats) <= 25, f"{len(beats)} runs in about 2 s at 10 per second"
-    # Both processes took part, and no run was fired by both.
-    assert len(pids) == 2 and claimed[1] == 2
-    # The claims are unique per due time (the table's key), so equal counts
-    # mean no due time ran twice, whichever process ran it.
-    assert times[-1] - times[0] < 5
+        claims = conn.execute(
+            "SELECT due_ms, pid FROM catzilla_schedule_runs WHERE name = 'shared-beat'"
+        ).fetchall()
+    assert len(ran) == len(claims), "every claimed run ran once, and no run ran unclaimed"
+    # Both processes took part, each running only what it claimed.
+    assert {int(b[0]) for b in ran} == {pid for _, pid in claims} == {p.pid for p in procs}
+    for pid in {pid for _, pid in claims}:
+        assert sum(b[0] == str(pid) for b in ran) == sum(c[1] == pid for c in claims)
+    # Both processes fire on the one grid of the stored schedule (due_ms is
+    # rounded to the millisecond) and a due time is claimed once (the table's
+    # key): so no due time ran twice, whichever process ran it. Two
+    # processes each on a grid of their own would run twice as often.
+    dues = [due_ms for due_ms, _ in claims]
+    assert len(set(dues)) == len(dues)
+    for due_ms in dues:
+        slots = (due_ms / 1000 - anchor) / 0.1
+        assert abs(slots - round(slots)) < 0.011, f"due {due_ms} ms is off the shared grid"
 
 
 def test_schedule_changes_start_over(tmp_path: Path):

@@ -182,6 +182,7 @@ def test_bad_storage_gets_a_clear_error(tmp_path):
     finally:
         holder.kill()
         holder.wait(DEADLINE)
+        holder.stdout.close()
     with pytest.raises(ValueError, match="sqlite:///"):
         BackgroundTasks(workers=1, storage="postgres://db")
 
@@ -244,6 +245,8 @@ def test_sigkill_halfway_loses_nothing(tmp_path, jobs):
         first.wait(DEADLINE)
     finally:
         first.kill()
+        first.wait(DEADLINE)
+        first.stdout.close()
     before = rows(db)
     assert len(before) == count
     done_before = list(before.values()).count("completed")
@@ -264,6 +267,7 @@ def test_sigkill_halfway_loses_nothing(tmp_path, jobs):
     finally:
         second.kill()
         second.wait(DEADLINE)
+        second.stdout.close()
     after = rows(db)
     assert len(after) == count
     assert set(after.values()) == {"completed"}
