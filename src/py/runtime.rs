@@ -128,6 +128,16 @@ impl Runtime {
             })
     }
 
+    /// A task's error as the store keeps it (JSON of its type, message and
+    /// traceback); None if it cannot be encoded.
+    pub fn error_json(&self, exc: &Bound<'_, PyAny>) -> Option<String> {
+        self.encode_error
+            .bind(exc.py())
+            .call1((exc,))
+            .and_then(|t| t.extract::<String>())
+            .ok()
+    }
+
     pub fn make_error<'py>(
         &self,
         py: Python<'py>,

@@ -228,15 +228,7 @@ impl Shared {
                     .ok();
                 (text, None)
             }
-            Some((false, exc)) => {
-                let text = rt
-                    .encode_error
-                    .bind(py)
-                    .call1((exc,))
-                    .and_then(|t| t.extract::<String>())
-                    .ok();
-                (None, text)
-            }
+            Some((false, exc)) => (None, rt.error_json(&exc)),
             None => (None, None),
         };
         store.finished(job.id(), status, result, error, epoch_now());

@@ -12,7 +12,7 @@ use super::runtime::{runtime, Runtime};
 use super::shared::Shared;
 use super::task::{epoch_now, parse_id, Status};
 use crate::errors::{Error, Result};
-use crate::store::Row;
+use crate::store::{Records, Row, StoreError};
 
 /// What `recover` did: the ids run again, and the ids marked failed for good.
 #[derive(Default)]
@@ -36,13 +36,7 @@ pub fn recover(py: Python<'_>, shared: &Arc<Shared>) -> PyResult<Recovered> {
         .into_iter()
         .filter(|s| s.is_unfinished())
         .collect();
-    let rows = py
-        .detach(|| {
-            store.flush(shared.flush_timeout);
-            store.load(&unfinished)
-        })
-        .map_err(|e| Error::Storage(e.0))?;
-    for row in rows {
+    for row in read(py, shared, store, |s| s.load(&unfinished))? {
         if shared.lookup(&row.task_id).is_some() {
             continue; // already running in this engine
         }
@@ -63,12 +57,7 @@ pub fn recover(py: Python<'_>, shared: &Arc<Shared>) -> PyResult<Recovered> {
                     &rt.not_restartable_error,
                     format!("cannot run again after a restart: {reason}"),
                 );
-                let error = rt
-                    .encode_error
-                    .bind(py)
-                    .call1((exc,))
-                    .and_then(|t| t.extract::<String>())
-                    .ok();
+                let error = rt.error_json(&exc);
                 store.finished(
                     row.task_id.clone(),
                     Status::Failed,
@@ -154,13 +143,9 @@ pub fn stored<'py>(
     let Some(store) = &shared.store else {
         return Ok(None);
     };
-    let row = py
-        .detach(|| {
-            store.flush(shared.flush_timeout);
-            store.get(task_id)
-        })
-        .map_err(|e| Error::Storage(e.0))?;
-    row.map(|r| row_dict(py, &r)).transpose()
+    read(py, shared, store, |s| s.get(task_id))?
+        .map(|r| row_dict(py, &r))
+        .transpose()
 }
 
 /// The newest stored rows, optionally only those with `status` (its text).
@@ -174,13 +159,25 @@ pub fn stored_list<'py>(
         return Ok(Vec::new());
     };
     let status = status.map(parse_status).transpose()?;
-    let rows = py
-        .detach(|| {
-            store.flush(shared.flush_timeout);
-            store.list(status, limit)
-        })
-        .map_err(|e| Error::Storage(e.0))?;
-    rows.iter().map(|r| row_dict(py, r)).collect()
+    read(py, shared, store, |s| s.list(status, limit))?
+        .iter()
+        .map(|r| row_dict(py, r))
+        .collect()
+}
+
+/// Reads from the store without the GIL, once everything handed over so far
+/// is committed.
+fn read<R: Send>(
+    py: Python<'_>,
+    shared: &Shared,
+    store: &Arc<dyn Records>,
+    f: impl FnOnce(&dyn Records) -> std::result::Result<R, StoreError> + Send,
+) -> Result<R> {
+    py.detach(|| {
+        store.flush(shared.flush_timeout);
+        f(store.as_ref())
+    })
+    .map_err(|e| Error::Storage(e.0))
 }
 
 fn parse_status(text: &str) -> Result<Status> {
