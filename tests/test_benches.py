@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
 BENCHES = Path(__file__).resolve().parent.parent / "benches"
 DEADLINE = 60.0  # seconds for one quick run; each takes 1-8 s on a 2-core machine
@@ -229,16 +230,13 @@ def baseline_venvs() -> Iterator[Callable[[tuple[str, ...]], None]]:
             "for name in sys.argv[2:]:\n"
             "    b.ensure_venv(b.BENCH_DIR / name, b.BASELINE_VENVS[name], False)\n"
         )
-        try:
-            out = subprocess.run(
-                [sys.executable, "-c", code, str(BENCHES), *missing],
-                capture_output=True,
-                text=True,
-                timeout=VENV_DEADLINE,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"making the baseline venvs {missing} took over {exc.timeout:g} s")
+        out = run_python(
+            code,
+            str(BENCHES),
+            *missing,
+            timeout=VENV_DEADLINE,
+            what=f"making the baseline venvs {missing}",
+        )
         assert out.returncode == 0, f"making the baseline venvs {missing} failed:\n" + (
             out.stdout + out.stderr
         )

@@ -9,63 +9,35 @@ own endpoints), then stops it with SIGINT and expects a clean exit.
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import socket
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, ServerProcess, wait_until
+from helpers import DEADLINE, Client, ServerProcess, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "doc" / "examples"
 if not EXAMPLES.is_dir():
     pytest.skip(f"the documentation examples are not at {EXAMPLES}", allow_module_level=True)
 
 PORT = 8000
-BASE = f"http://127.0.0.1:{PORT}"
-HTTP_TIMEOUT = 30.0
+# What the examples serve on, spoken to without a proxy (http_proxy & co. are
+# not consulted): the examples are on this machine.
+CLIENT = Client("127.0.0.1", PORT)
 START_TIMEOUT = 30.0
 EXIT_TIMEOUT = 10.0
 TASK_ID = re.compile(r"^[0-9a-f]{20}$")
 
-# urllib would honour http_proxy & co.; the examples are on this machine.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-
-@dataclass
-class Reply:
-    status: int
-    content_type: str
-    body: bytes
-
-    def json(self) -> Any:
-        assert self.content_type == "application/json", (self.content_type, self.body)
-        return json.loads(self.body)
-
-
-def call(method: str, path: str, base: str = BASE) -> Reply:
-    """One request, as the documentation's curl commands send it (POST with no body)."""
-    data = b"" if method == "POST" else None
-    req = urllib.request.Request(base + path, data=data, method=method)
-    try:
-        with _opener.open(req, timeout=HTTP_TIMEOUT) as r:
-            return Reply(r.status, r.headers.get("content-type", ""), r.read())
-    except urllib.error.HTTPError as e:
-        with e:
-            return Reply(e.code, e.headers.get("content-type", ""), e.read())
-
-
-def ok_json(method: str, path: str, keys: set[str], base: str = BASE) -> dict[str, Any]:
-    """Calls an endpoint that must answer 200 with a JSON object with exactly ``keys``."""
-    r = call(method, path, base)
+def ok_json(method: str, path: str, keys: set[str], client: Client = CLIENT) -> dict[str, Any]:
+    """Calls an endpoint that must answer 200 with a JSON object with exactly
+    ``keys``, as the documentation's curl commands call it (POST with no body)."""
+    r = client.request(method, path)
     assert r.status == 200, (method, path, r.status, r.body)
     data = r.json()
     assert isinstance(data, dict)
@@ -169,7 +141,7 @@ def test_01_basic_background_task(example: Callable[..., ServerProcess]):
     assert data["status"] == "scheduled"
     assert_task_id(data["task_id"])
     # The documentation's URL says localhost.
-    home = ok_json("GET", "/", {"message"}, base=f"http://localhost:{PORT}")
+    home = ok_json("GET", "/", {"message"}, client=Client("localhost", PORT))
     assert home["message"] == "Hello with background tasks!"
     p.wait_for("Task progress: 1/10", timeout=15)
     # Shutdown lets the running task finish: its remaining ~9 s of work.
@@ -228,7 +200,7 @@ def test_05_progress_tracking(example: Callable[..., ServerProcess]):
     last: dict[str, Any] = {}
 
     def completed() -> bool:
-        r = call("GET", f"/task-progress/{task_id}")
+        r = CLIENT.get(f"/task-progress/{task_id}")
         if r.status == 404:  # the task has not started yet
             assert not seen, "progress vanished"
             assert r.json() == {"error": "Task not found"}
@@ -257,7 +229,7 @@ def test_05_progress_tracking(example: Callable[..., ServerProcess]):
     datetime.fromisoformat(last["started_at"])
     assert f"Task {task_id}: Saving results... (100%)" in "\n".join(p.lines())
 
-    r = call("GET", "/task-progress/data_unknown")
+    r = CLIENT.get("/task-progress/data_unknown")
     assert r.status == 404
     assert r.json() == {"error": "Task not found"}
     stop_cleanly(p)
@@ -348,11 +320,7 @@ def test_10_graceful_shutdown(example: Callable[..., ServerProcess]):
     # The example's own handler sleeps 5 s; the server still answers meanwhile.
     during = ok_json("GET", "/shutdown-status", {"shutdown_requested", "message"})
     assert during == {"shutdown_requested": True, "message": "Shutdown in progress"}
-    try:
-        code = p.proc.wait(15)
-    except Exception:
-        pytest.fail(f"example 10 did not exit within 15 s of SIGINT:\n{p.output()}")
-    p.join_readers()
+    code = p.wait_exit(15, "SIGINT")
     assert code == 0, p.output()
     assert time.monotonic() - start >= 4.5, "the example's 5 s wait was cut short"
     assert "Graceful shutdown completed" in "\n".join(p.lines())
@@ -371,7 +339,7 @@ def test_11_persistent_results(example: Callable[..., ServerProcess]):
     assert re.fullmatch(r"calc_[0-9a-f]{8}", task_id)
 
     def result() -> dict[str, Any] | None:
-        r = call("GET", f"/calculation-result/{task_id}")
+        r = CLIENT.get(f"/calculation-result/{task_id}")
         if r.status == 404:
             assert r.json() == {"error": "Result not found or not yet available"}
             return None
@@ -387,7 +355,7 @@ def test_11_persistent_results(example: Callable[..., ServerProcess]):
     datetime.fromisoformat(calc["computed_at"])
     datetime.fromisoformat(found["retrieved_at"])
 
-    r = call("GET", "/calculation-result/calc_unknown")
+    r = CLIENT.get("/calculation-result/calc_unknown")
     assert r.status == 404
     assert r.json() == {"error": "Result not found or not yet available"}
     stop_cleanly(p)

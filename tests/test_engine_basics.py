@@ -22,7 +22,7 @@ from catzilla.background_tasks import (
     registered_tasks,
     task,
 )
-from conftest import DEADLINE, Recorder, wait_until
+from helpers import DEADLINE, Recorder, wait_until
 
 # --- module-level task functions, so that their import names are stable ----
 

@@ -14,8 +14,7 @@ from catzilla.background_tasks import (
     TaskStatus,
     task,
 )
-from conftest import DEADLINE, Recorder
-from helpers import panic_probe
+from helpers import DEADLINE, Recorder, panic_probe
 
 # --- add_task arguments ----------------------------------------------------------
 

@@ -18,7 +18,7 @@ from catzilla.background_tasks import (
     TaskTimeoutError,
     task,
 )
-from conftest import DEADLINE, Recorder, wait_for_time, wait_until
+from helpers import DEADLINE, Recorder, wait_for_time, wait_until
 
 P = TaskPriority
 

@@ -8,8 +8,6 @@ import json
 import logging
 import re
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from catzilla.background_tasks import (
     TaskPriority,
     TaskStatus,
 )
-from conftest import DEADLINE, Recorder, wait_for_time, wait_until
+from helpers import DEADLINE, Recorder, run_python, wait_for_time, wait_until
 
 P = TaskPriority
 
@@ -568,15 +566,6 @@ def test_no_work_runs_after_shutdown(single, blocker):
 
 
 # --- interpreter exit -------------------------------------------------------------------
-
-
-def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def assert_clean_exit(proc: subprocess.CompletedProcess[str]) -> None:

@@ -10,17 +10,14 @@ import logging
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
-import urllib.request
 import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
 from catzilla.background_tasks import BackgroundTasks, TaskStatus
-from conftest import DEADLINE, Recorder, ServerProcess, wait_until
+from helpers import DEADLINE, Client, Recorder, ServerProcess, run_python, wait_until
 
 
 def rss_bytes() -> int:
@@ -150,7 +147,7 @@ print("PARENT OK", flush=True)
 def test_fork_gives_the_child_a_clear_error_or_a_fresh_engine_never_a_hang(tmp_path: Path):
     script = tmp_path / "fork_child.py"
     script.write_text(FORK_CHILD)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    done = run_python(script)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "CHILD OK" in done.stdout and "PARENT OK" in done.stdout, out
@@ -306,11 +303,13 @@ print("LISTEN RETURNED", flush=True)
 """
 
 
-def post_json(url: str) -> Any:
-    req = urllib.request.Request(url, method="POST", data=b"")
-    with urllib.request.urlopen(req, timeout=DEADLINE) as r:
-        assert r.status == 200
-        return json.loads(r.read())
+def post_json(client: Client, path: str) -> Any:
+    r = client.post(path)
+    if r.status != 200:
+        # An OSError, as urllib's HTTPError was: a producer stops at any
+        # answer but 200 as it does when the stopping server refuses it.
+        raise OSError(f"POST {path}: {r.status} {r.body!r}")
+    return json.loads(r.body)
 
 
 def test_sigterm_under_load_finishes_requests_and_reports_every_queued_task(tmp_path: Path):
@@ -320,7 +319,7 @@ def test_sigterm_under_load_finishes_requests_and_reports_every_queued_task(tmp_
     p = ServerProcess([str(app_file), "0", storage_url(db)], cwd=str(tmp_path))
     try:
         host, port = p.wait_serving()
-        base = f"http://{host}:{port}"
+        client = Client(host, port, timeout=DEADLINE)
         ids: list[str] = []
         failures: list[BaseException] = []
         stop = threading.Event()
@@ -328,7 +327,7 @@ def test_sigterm_under_load_finishes_requests_and_reports_every_queued_task(tmp_
         def producer() -> None:
             while not stop.is_set() and len(ids) < 300:
                 try:
-                    ids.extend(post_json(f"{base}/enqueue?n=5")["ids"])
+                    ids.extend(post_json(client, "/enqueue?n=5")["ids"])
                 except OSError:
                     return  # refused once the server stops accepting
                 except BaseException as exc:  # noqa: BLE001 - asserted below
@@ -338,8 +337,8 @@ def test_sigterm_under_load_finishes_requests_and_reports_every_queued_task(tmp_
         held: list[Any] = []
 
         def holder() -> None:
-            with urllib.request.urlopen(f"{base}/hold", timeout=DEADLINE) as r:
-                held.append((r.status, json.loads(r.read())))
+            r = client.get("/hold")
+            held.append((r.status, json.loads(r.body)))
 
         producers = [threading.Thread(target=producer, daemon=True) for _ in range(4)]
         for t in producers:
@@ -353,8 +352,7 @@ def test_sigterm_under_load_finishes_requests_and_reports_every_queued_task(tmp_
         stop.set()
         for t in producers:
             t.join(DEADLINE)
-        assert p.proc.wait(30) == 0, p.output()
-        p.join_readers()
+        assert p.wait_exit(30, "SIGTERM") == 0, p.output()
     finally:
         p.close()
     assert held == [(200, {"held": True})], f"the in-flight request did not finish: {held}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import subprocess
 import sys
 import textwrap
 import threading
@@ -44,7 +43,7 @@ from catzilla.background_tasks import (
     current_task,
     task,
 )
-from conftest import DEADLINE, Blocker, Recorder, wait_until
+from helpers import DEADLINE, Blocker, Recorder, run_python, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -1338,15 +1337,11 @@ HUGE_WORKERS_PROBE = textwrap.dedent(
     ],
 )
 def test_huge_worker_counts_are_value_errors_not_a_hang(options, name):
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", HUGE_WORKERS_PROBE.format(options=options)],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"BackgroundTasks(**{options}) hung") from exc
+    proc = run_python(
+        HUGE_WORKERS_PROBE.format(options=options),
+        timeout=20,
+        what=f"BackgroundTasks(**{options})",
+    )
     assert proc.returncode == 0, f"crashed ({proc.returncode}): {proc.stderr[-500:]}"
     out = proc.stdout.strip()
     assert out == "accepted" or (out.startswith("ValueError") and name in out), out

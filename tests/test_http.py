@@ -12,65 +12,22 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from catzilla import Catzilla
-from conftest import DEADLINE, ServerProcess, wait_until
+from helpers import (
+    DEADLINE,
+    HTTP_TIMEOUT,
+    Client,
+    Reply,
+    ServerProcess,
+    panic_probe,
+    wait_until,
+)
 
 APP = str(Path(__file__).with_name("http_app.py"))
 MAX_BODY = 1024  # http_app.MAX_BODY
-HTTP_TIMEOUT = 30.0
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    def json(self) -> Any:
-        assert self.headers.get("content-type") == "application/json", self.headers
-        return json.loads(self.body)
-
-    def header(self, name: str) -> str | None:
-        return self.headers.get(name)
-
-
-class Client:
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-
-    def connection(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.host, self.port, timeout=HTTP_TIMEOUT)
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | str | None = None,
-        headers: dict[str, str] | None = None,
-        conn: http.client.HTTPConnection | None = None,
-        **kwargs: Any,
-    ) -> Reply:
-        own = conn is None
-        c = conn or self.connection()
-        try:
-            c.request(method, path, body=body, headers=headers or {}, **kwargs)
-            r = c.getresponse()
-            return Reply(r.status, r.headers, r.read())
-        finally:
-            if own:
-                c.close()
-
-    def get(self, path: str, **kwargs: Any) -> Reply:
-        return self.request("GET", path, **kwargs)
-
-    def post(self, path: str, body: bytes | str | None = None, **kwargs: Any) -> Reply:
-        return self.request("POST", path, body=body, **kwargs)
 
 
 def start_app(p: ServerProcess) -> Client:
@@ -710,11 +667,7 @@ def test_sigterm_lets_in_flight_request_and_queued_tasks_finish(
     # The server stopped accepting at once.
     with pytest.raises(OSError):
         socket.create_connection((client.host, client.port), timeout=DEADLINE).close()
-    try:
-        code = p.proc.wait(15)
-    except Exception:
-        pytest.fail(f"the server did not exit within 15 s of SIGTERM:\n{p.output()}")
-    p.join_readers()
+    code = p.wait_exit(15, "SIGTERM")
     assert code == 0, p.output()
     out = "\n".join(p.lines())
     for i in range(count):
@@ -744,9 +697,7 @@ def test_second_sigint_stops_the_drain_and_reports_what_was_left(
         return False
 
     wait_until(refused, what="the server to stop accepting")
-    p.proc.send_signal(signal.SIGINT)
-    code = p.proc.wait(15)
-    p.join_readers()
+    code = p.stop(signal.SIGINT, timeout=15)
     assert code == 0, p.output()
     out = p.output()
     assert "Traceback" not in out
@@ -874,7 +825,7 @@ def test_max_connections_must_be_a_positive_int(bad):
 
 
 def test_handler_panic_answers_500_and_the_thread_survives(caplog):
-    from catzilla._catzilla import _panic_probe
+    _panic_probe = panic_probe()
 
     app = Catzilla(handler_threads=1)
 

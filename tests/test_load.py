@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,7 +22,7 @@ from typing import Any
 
 import pytest
 from catzilla.background_tasks import BackgroundTasks
-from conftest import ServerProcess, wait_until
+from helpers import Client, ServerProcess, run_python, wait_until
 
 BENCHES = Path(__file__).resolve().parent.parent / "benches"
 SOAK_APP = BENCHES / "soak_app.py"
@@ -49,12 +46,7 @@ def burst() -> dict[str, Any]:
     """``benches/burst.py`` at CI scale, in a process of its own so that its RSS
     readings are the burst's alone: BURST_TASKS no-op tasks queued behind held
     workers (handles dropped), then run, then aged out of retention."""
-    out = subprocess.run(
-        [sys.executable, str(BENCHES / "burst.py"), "--tasks", str(BURST_TASKS), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_python(BENCHES / "burst.py", "--tasks", str(BURST_TASKS), "--json", timeout=600)
     assert out.returncode in (0, 1), out.stdout + out.stderr  # 1: a check failed
     result: dict[str, Any] = json.loads(out.stdout)
     print(f"\nburst: {json.dumps(result)}")
@@ -145,10 +137,9 @@ def test_concurrent_producers_every_task_unique_and_run_once(
 # Above the subprocess's own limit below, so that one reports a hang first.
 @pytest.mark.timeout(SOAK_SECONDS + 360)
 def test_soak_mixed_load_ci_scale():
-    cmd = [sys.executable, str(BENCHES / "soak.py"), "--duration", str(SOAK_SECONDS), "--json"]
     # soak.py's own watchdog ends it well within this; the timeout is a last resort.
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=SOAK_SECONDS + 240, check=False
+    proc = run_python(
+        BENCHES / "soak.py", "--duration", str(SOAK_SECONDS), "--json", timeout=SOAK_SECONDS + 240
     )
     print(proc.stderr)
     assert proc.stdout.strip(), f"soak.py printed no summary (exit {proc.returncode})"
@@ -225,15 +216,9 @@ async def keep_alive_load(
 
 
 def fetch(host: str, port: int, path: str) -> bytes:
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    try:
-        conn.request("GET", path)
-        r = conn.getresponse()
-        body = r.read()
-        assert r.status == 200, (r.status, body)
-        return body
-    finally:
-        conn.close()
+    r = Client(host, port).get(path)
+    assert r.status == 200, (r.status, r.body)
+    return r.body
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from catzilla.background_tasks import (
     TaskPriority,
     TaskStatus,
 )
-from conftest import DEADLINE, Blocker, Recorder, wait_for_time, wait_until
+from helpers import DEADLINE, Blocker, Recorder, run_python, wait_for_time, wait_until
 
 
 def stamp(into: Recorder) -> Any:
@@ -544,7 +544,7 @@ def test_schedule_changes_start_over(tmp_path: Path):
 
 
 def test_fork_child_has_no_schedules_of_the_parent(tmp_path: Path):
-    code = textwrap.dedent(
+    done = run_python(
         """
         import os
         from catzilla import Catzilla
@@ -561,7 +561,6 @@ def test_fork_child_has_no_schedules_of_the_parent(tmp_path: Path):
         print("OK")
         """
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
 
 

@@ -10,8 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, ServerProcess, wait_for_time, wait_until
-from helpers import Client
+from helpers import DEADLINE, Client, ServerProcess, wait_for_time, wait_until
 
 APP = textwrap.dedent(
     """
@@ -86,13 +85,7 @@ def start(spawn: Callable[..., ServerProcess], tmp_path: Path) -> Callable[[str]
 
 
 def finish(p: ServerProcess) -> int:
-    try:
-        code = p.proc.wait(DEADLINE * 2)
-    except Exception:
-        p.close()
-        pytest.fail(f"still running after a stop signal:\n{p.output()}")
-    p.join_readers()
-    return code
+    return p.wait_exit(DEADLINE * 2, "a stop signal")
 
 
 def assert_drained(p: ServerProcess) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from catzilla.background_tasks import BackgroundTasks, StorageError, TaskStatus, current_task
-from conftest import DEADLINE, wait_until
+from helpers import DEADLINE, wait_until
 
 JOBS = """
 import time

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from catzilla.background_tasks import BackgroundTasks, TaskStatus
-from conftest import DEADLINE, Blocker, wait_for_time, wait_until
+from helpers import DEADLINE, Blocker, wait_for_time, wait_until
 
 PAYLOAD = "x" * 2000
 

@@ -15,7 +15,7 @@ from catzilla.background_tasks import (
     TaskStatus,
     current_task,
 )
-from conftest import DEADLINE, wait_until
+from helpers import DEADLINE, wait_until
 
 
 def named_task(x: int) -> int:

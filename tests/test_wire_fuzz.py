@@ -10,7 +10,6 @@ complement the raw-socket ones of test_http.py.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, ServerProcess, wait_until
+from helpers import DEADLINE, Client, ServerProcess, wait_until
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -112,17 +111,12 @@ class Wire:
         """A normal client: GET / on a fresh connection must answer 200 within
         ``timeout``. Returns the seconds it took."""
         start = time.monotonic()
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
-            conn.request("GET", "/")
-            r = conn.getresponse()
-            body = r.read()
+            r = Client(self.host, self.port, timeout=timeout).get("/")
         except OSError as exc:
             self.assert_alive()
             pytest.fail(f"a normal GET failed after {time.monotonic() - start:.2f} s: {exc!r}")
-        finally:
-            conn.close()
-        assert (r.status, body) == (200, b'{"ok":true}'), (r.status, body)
+        assert (r.status, r.body) == (200, b'{"ok":true}'), (r.status, r.body)
         return time.monotonic() - start
 
 
@@ -780,15 +774,11 @@ def test_body_error_answers_400_and_closes(wire: Wire):
 
 
 def post_json(wire: Wire, body: bytes) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection(wire.host, wire.port, timeout=DEADLINE)
-    try:
-        conn.request("POST", "/json", body=body, headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        raw = r.read()
-    finally:
-        conn.close()
-    assert r.getheader("content-type") == "application/json", (r.status, raw[:200])
-    return r.status, json.loads(raw)
+    r = Client(wire.host, wire.port, timeout=DEADLINE).post(
+        "/json", body, headers={"Content-Type": "application/json"}
+    )
+    assert r.header("content-type") == "application/json", (r.status, r.body[:200])
+    return r.status, json.loads(r.body)
 
 
 def assert_json_answer(wire: Wire, body: bytes) -> None:
