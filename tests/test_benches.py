@@ -150,11 +150,11 @@ def descendants(pid: int) -> list[int]:
             ppid = int(stat.read_text().rpartition(")")[2].split()[1])
             children.setdefault(ppid, []).append(int(stat.parent.name))
     found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
+    pending = [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
             found.append(child)
-            todo.append(child)
+            pending.append(child)
     return found
 
 
