@@ -303,7 +303,6 @@ class Routes:
         """The parameter names of a route template; ``ValueError`` for a bad one."""
     def add(self, method: str, path: str, handler: Callable[..., Any]) -> None:
         """Adds a route; ``ValueError`` for a duplicate or a conflicting template."""
-    def __len__(self) -> int: ...
 
 def _init_http(spec: dict[str, Any]) -> None:
     """Hands the web layer its helpers and exception classes (once)."""

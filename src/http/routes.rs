@@ -42,10 +42,6 @@ impl Routes {
         Ok(())
     }
 
-    fn __len__(&self) -> usize {
-        self.table.lock().1.len()
-    }
-
     fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
         if let Some(table) = self.table.try_lock() {
             for h in &table.1 {

@@ -32,10 +32,7 @@ pub fn recover(py: Python<'_>, shared: &Arc<Shared>) -> PyResult<Recovered> {
     let Some(store) = &shared.store else {
         return Ok(done);
     };
-    let unfinished: Vec<Status> = Status::ALL
-        .into_iter()
-        .filter(|s| s.is_unfinished())
-        .collect();
+    let unfinished: Vec<Status> = Status::ALL.into_iter().filter(|s| !s.is_final()).collect();
     for row in read(py, shared, store, |s| s.load(&unfinished))? {
         if shared.lookup(&row.task_id).is_some() {
             continue; // already running in this engine

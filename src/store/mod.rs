@@ -70,8 +70,6 @@ pub struct ScheduleRecord {
 /// applied in order by the store's own thread; reads answer from what is
 /// committed (call `flush` first to include everything handed over).
 pub trait Records: Send + Sync {
-    /// Where the records live, for messages.
-    fn location(&self) -> &str;
     /// Why the store stopped taking writes, once it has.
     fn failure(&self) -> Option<String>;
     fn is_degraded(&self) -> bool;

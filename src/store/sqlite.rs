@@ -260,10 +260,6 @@ impl SqliteStore {
 }
 
 impl Records for SqliteStore {
-    fn location(&self) -> &str {
-        &self.path
-    }
-
     /// Why the store stopped taking writes, once it has; the engine then
     /// keeps running in memory and the store is neither written nor read.
     fn failure(&self) -> Option<String> {

@@ -57,7 +57,6 @@ pub trait Queue<T>: Send + Sync {
     fn is_stopped(&self) -> bool;
     fn is_closed(&self) -> bool;
     fn depths(&self) -> Depths;
-    fn capacity(&self) -> usize;
 }
 
 impl<T: Send> Queue<T> for Scheduler<T> {
@@ -111,9 +110,5 @@ impl<T: Send> Queue<T> for Scheduler<T> {
 
     fn depths(&self) -> Depths {
         Scheduler::depths(self)
-    }
-
-    fn capacity(&self) -> usize {
-        Scheduler::capacity(self)
     }
 }

@@ -59,11 +59,6 @@ impl Status {
     pub fn is_waiting(self) -> bool {
         matches!(self, Status::Pending | Status::Scheduled | Status::Retrying)
     }
-
-    /// Not final: waiting or running.
-    pub fn is_unfinished(self) -> bool {
-        !self.is_final()
-    }
 }
 
 #[cfg(test)]
