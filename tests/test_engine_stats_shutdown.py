@@ -435,7 +435,12 @@ def test_shutdown_waits_for_running_and_queued_tasks(single):
     queued = [single.add_task(ran.append, i) for i in range(3)]
     delayed = single.add_task(ran.append, "delayed", delay_ms=50)
     report = single.shutdown(wait_for_completion=True, timeout=DEADLINE)
-    assert report == {"drained": True, "cancelled": [], "still_running": []}
+    assert report == {
+        "drained": True,
+        "cancelled": [],
+        "still_running": [],
+        "handed_back": [],
+    }
     assert running.status is TaskStatus.COMPLETED
     assert running.result() == "first done"
     assert all(q.status is TaskStatus.COMPLETED for q in queued)
@@ -526,7 +531,12 @@ def test_shutdown_waits_for_a_running_coroutine(engine):
     r = engine.add_task(nap)
     wait_until(lambda: engine.get_stats().async_tasks_running == 1, what="coroutine running")
     report = engine.shutdown(wait_for_completion=True, timeout=DEADLINE)
-    assert report == {"drained": True, "cancelled": [], "still_running": []}
+    assert report == {
+        "drained": True,
+        "cancelled": [],
+        "still_running": [],
+        "handed_back": [],
+    }
     assert r.result() == "awake"
 
 

@@ -431,7 +431,6 @@ def valid_engine_options(draw: st.DrawFn) -> dict[str, Any]:
                 "default_max_retries": st.integers(0, 2**32 - 1),
                 "default_timeout_ms": st.one_of(st.just(0), st.floats(5_000, MAX_MS)),
                 "storage": st.none(),
-                "storage_strict": st.booleans(),
             },
         )
     )
@@ -602,7 +601,12 @@ def test_add_task_after_shutdown_raises_engine_shutdown_error(wait, timeout, opt
     with engine_with(workers=1) as e:
         assert e.add_task(echo, 1).wait(DEADLINE) == ((1,), {})
         report = e.shutdown(wait_for_completion=wait, timeout=timeout)
-        assert report == {"drained": True, "cancelled": [], "still_running": []}
+        assert report == {
+            "drained": True,
+            "cancelled": [],
+            "still_running": [],
+            "handed_back": [],
+        }
         assert e.is_shutdown
         exc = rejected(lambda: e.add_task(echo, 2, **options), EngineShutdownError, "shut down")
         assert isinstance(exc, RuntimeError)
@@ -997,7 +1001,7 @@ UNKNOWN_OPTION = st.from_regex(r"[a-z_][a-z0-9_]{0,15}", fullmatch=True).filter(
     lambda s: (
         s
         not in {*INT_PARAMS, *FLOAT_PARAMS, *BOOL_PARAMS, *DEFAULT_MS}
-        | {"default_priority", "default_max_retries", "storage", "storage_strict"}
+        | {"default_priority", "default_max_retries", "storage", "queues", "lease_timeout"}
     )
 )
 
@@ -1297,12 +1301,6 @@ def test_a_task_returning_its_own_handle_does_not_hang():
 def test_task_decorator_rejects_non_finite_and_too_large_options(bad):
     name, value, errors, names = bad
     rejected(lambda: task(**{name: value}), errors, *names)
-
-
-@XFAIL_SETTINGS
-@given(value=NOT_BOOLS)
-def test_storage_strict_must_be_a_bool(value):
-    rejected(lambda: BackgroundTasks(workers=1, storage_strict=value), TypeError, "storage_strict")
 
 
 def test_app_add_task_before_enabling_is_an_engine_shutdown_error():

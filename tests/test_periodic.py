@@ -440,7 +440,7 @@ def test_runs_missed_while_down_follow_the_policy(tmp_path: Path, missed: str):
         second.shutdown(timeout=DEADLINE)
 
 
-TWO_PROCESSES = """
+PROCESSES = """
 import os, sys, time
 from catzilla.background_tasks import BackgroundTasks
 
@@ -464,12 +464,12 @@ print("RUNS", p.runs, flush=True)
 """
 
 
-def test_two_processes_on_one_store_fire_each_run_once(tmp_path: Path):
+def test_three_processes_on_one_store_fire_each_run_once(tmp_path: Path):
     db = tmp_path / "tasks.db"
     log = tmp_path / "beats.log"
     stop = tmp_path / "stop"
-    script = tmp_path / "two.py"
-    script.write_text(textwrap.dedent(TWO_PROCESSES))
+    script = tmp_path / "beats.py"
+    script.write_text(textwrap.dedent(PROCESSES))
     BackgroundTasks(workers=1, storage=storage(db)).shutdown()  # create the file first
     procs = [
         subprocess.Popen(
@@ -478,7 +478,7 @@ def test_two_processes_on_one_store_fire_each_run_once(tmp_path: Path):
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for _ in range(2)
+        for _ in range(3)
     ]
 
     def beats() -> list[list[str]]:
@@ -487,17 +487,18 @@ def test_two_processes_on_one_store_fire_each_run_once(tmp_path: Path):
         text = log.read_text()
         return [line.split() for line in text[: text.rfind("\n") + 1].splitlines()]
 
-    def both_ran() -> bool:
+    def all_ran() -> bool:
         if any(p.poll() is not None for p in procs):
             return True  # one ended early: stop waiting, the checks below say why
         ran = beats()
-        return len({b[0] for b in ran}) == 2 and len(ran) >= 10
+        return len({b[0] for b in ran}) == 3 and len(ran) >= 15
 
     try:
-        # Until both processes have run some of the shared schedule's runs (a
-        # condition, not a fixed time: either may be slow to start).
+        # Until every process has run some of the shared schedule's runs (a
+        # condition, not a fixed time: any may be slow to start). A run is a
+        # task in the shared queue: any process may run the one another claimed.
         wait_until(
-            both_ran, timeout=60, interval=0.05, what="both processes to run the shared schedule"
+            all_ran, timeout=60, interval=0.05, what="every process to run the shared schedule"
         )
     finally:
         stop.touch()
@@ -512,14 +513,12 @@ def test_two_processes_on_one_store_fire_each_run_once(tmp_path: Path):
             "SELECT due_ms, pid FROM catzilla_schedule_runs WHERE name = 'shared-beat'"
         ).fetchall()
     assert len(ran) == len(claims), "every claimed run ran once, and no run ran unclaimed"
-    # Both processes took part, each running only what it claimed.
-    assert {int(b[0]) for b in ran} == {pid for _, pid in claims} == {p.pid for p in procs}
-    for pid in {pid for _, pid in claims}:
-        assert sum(b[0] == str(pid) for b in ran) == sum(c[1] == pid for c in claims)
-    # Both processes fire on the one grid of the stored schedule (due_ms is
+    assert {int(b[0]) for b in ran} == {p.pid for p in procs}
+    assert {pid for _, pid in claims} <= {p.pid for p in procs}
+    # The processes fire on the one grid of the stored schedule (due_ms is
     # rounded to the millisecond) and a due time is claimed once (the table's
-    # key): so no due time ran twice, whichever process ran it. Two
-    # processes each on a grid of their own would run twice as often.
+    # key): so no due time ran twice, whichever process ran it. Three
+    # processes each on a grid of their own would run three times as often.
     dues = [due_ms for due_ms, _ in claims]
     assert len(set(dues)) == len(dues)
     for due_ms in dues:

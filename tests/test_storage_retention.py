@@ -5,16 +5,32 @@ space they held. Rows not yet final are never pruned."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from catzilla.background_tasks import BackgroundTasks, TaskStatus
-from helpers import DEADLINE, Blocker, wait_for_time, wait_until
+from helpers import DEADLINE, wait_for_time, wait_until
 
 PAYLOAD = "x" * 2000
+
+# Task functions live at module level: a shared store runs tasks by import name.
+ATTEMPTS: list[int] = []
+STARTED = threading.Event()
+RELEASE = threading.Event()
 
 
 def payload(i: int) -> str:
     return PAYLOAD
+
+
+def fails_once() -> None:
+    ATTEMPTS.append(1)
+    raise RuntimeError("first attempt fails")
+
+
+def blocks() -> None:
+    STARTED.set()
+    RELEASE.wait(60)
 
 
 def disk_bytes(db: Path) -> int:
@@ -68,20 +84,16 @@ def test_tasks_not_yet_final_are_never_pruned(tmp_path: Path):
         retry_backoff_ms=600_000,
         retry_backoff_cap_ms=600_000,
     )
-    blocker = Blocker(limit=60)
-    attempts: list[int] = []
-
-    def fails_once() -> None:
-        attempts.append(1)
-        raise RuntimeError("first attempt fails")
-
+    ATTEMPTS.clear()
+    STARTED.clear()
+    RELEASE.clear()
     try:
-        done = engine.add_task(int, 1)
-        assert done.wait(DEADLINE) == 1
+        done = engine.add_task(payload, 0)
+        assert done.wait(DEADLINE) == PAYLOAD
         retrying = engine.add_task(fails_once, max_retries=1)
-        wait_until(lambda: attempts, what="the first attempt")
-        running = engine.add_task(blocker)
-        blocker.wait_started()
+        wait_until(lambda: ATTEMPTS, what="the first attempt")
+        running = engine.add_task(blocks)
+        assert STARTED.wait(DEADLINE)
         queued = engine.add_task(payload, 1)
         delayed = engine.add_task(payload, 2, delay_ms=600_000)
         engine.flush()
@@ -97,10 +109,10 @@ def test_tasks_not_yet_final_are_never_pruned(tmp_path: Path):
         for task_id, statuses in expected.items():
             info = engine.get_task(task_id)
             assert info is not None and info.status in statuses, (task_id, info)
-        blocker.release()
+        RELEASE.set()
         assert queued.wait(DEADLINE) == PAYLOAD
     finally:
-        blocker.release()
+        RELEASE.set()
         engine.shutdown(wait_for_completion=False)
 
 

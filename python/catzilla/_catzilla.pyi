@@ -142,6 +142,7 @@ class TaskDefaults:
         max_retries: int | None = None,
         timeout_ms: float | None = None,
         no_retry_for: tuple[type[BaseException], ...] | None = None,
+        queue: str | None = None,
     ) -> Self: ...
 
 @final
@@ -186,7 +187,7 @@ class EngineStats:
     workers_stopped: int
     panics_contained: int
     storage_degraded: bool
-    """True once durable storage stopped taking writes; the engine runs on in memory."""
+    """True once the store stopped (its file deleted, say): no task can be queued there."""
     storage_error: str | None
     """Why durable storage stopped, once it has."""
     uptime_seconds: float
@@ -217,9 +218,17 @@ class Engine:
         default_max_retries: int,
         default_timeout_ms: float,
         storage: str | None,
-        storage_strict: bool,
+        queues: list[str],
+        lease_timeout: float,
         flush_timeout: float,
     ) -> Self: ...
+    @property
+    def owner_id(self) -> str | None:
+        """This process's id on the shared store (``host:pid:random``), the
+        owner of its leases; None without a store."""
+    @property
+    def queues(self) -> list[str]:
+        """The named queues this process's workers serve (with a store)."""
     def add_task(
         self,
         func: Callable[..., Any],
@@ -228,13 +237,17 @@ class Engine:
         delay_ms: float | None = None,
         max_retries: int | None = None,
         timeout_ms: float | None = None,
+        queue: str | None = None,
         **kwargs: Any,
     ) -> TaskResult:
         """Queues ``func(*args, **kwargs)`` and returns at once. An option left as
         None takes the engine's default (NORMAL, 0, 3, 30000 unless configured);
-        ``timeout_ms=0`` means no timeout. Raises ``TypeError`` (func, priority, numbers),
-        ``ValueError`` (negative numbers), ``TaskQueueFullError`` and
-        ``EngineShutdownError`` (a ``RuntimeError``)."""
+        ``timeout_ms=0`` means no timeout; ``queue`` names the queue (``"default"``),
+        which only a shared store tells apart. Raises ``TypeError`` (func, priority,
+        numbers; with a shared store, a function not importable by name or arguments
+        that are not JSON), ``ValueError`` (negative numbers), ``TaskQueueFullError``,
+        ``StorageError`` (the store cannot take it) and ``EngineShutdownError``
+        (a ``RuntimeError``)."""
     def get_result(self, task_id: str) -> TaskResult | None:
         """The handle of a task the engine still retains, else None."""
     def get_stats(self) -> EngineStats:
@@ -263,8 +276,9 @@ class Engine:
     def _periodic_tasks(self) -> list[PeriodicTask]:
         """The periodic tasks not cancelled, in the order they were added."""
     def _recover(self) -> tuple[list[str], list[str]]:
-        """Runs again the unfinished tasks of the store under their ids; returns
-        the ids resubmitted and the ids marked failed for good."""
+        """Takes back the tasks of processes that are gone (expired leases, and
+        those of exited processes of this host); returns the ids put back in
+        their queue and the ids failed for good (their retries spent)."""
     def _stored(self, task_id: str) -> dict[str, Any] | None:
         """One stored row by id."""
     def _stored_list(self, status: str | None, limit: int) -> list[dict[str, Any]]:

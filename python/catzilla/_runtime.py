@@ -40,5 +40,6 @@ _init_runtime(
         "encode_error": encode_error,
         "resolve": resolve,
         "NotRestartableError": errors.NotRestartableError,
+        "rebuild_error": errors.rebuild_error,
     }
 )

@@ -19,11 +19,13 @@ from .errors import (
     NotRestartableError,
     StorageError,
     TaskCancelledError,
+    TaskError,
     TaskInterrupt,
     TaskNotReadyError,
     TaskPanicError,
     TaskQueueFullError,
     TaskTimeoutError,
+    WorkerLostError,
 )
 from .task_function import TaskFunction, current_task, registered_tasks, task
 from .task_info import TaskInfo
@@ -38,6 +40,7 @@ __all__ = [
     "PeriodicTask",
     "StorageError",
     "TaskCancelledError",
+    "TaskError",
     "TaskFunction",
     "TaskInfo",
     "TaskInterrupt",
@@ -48,6 +51,7 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "TaskTimeoutError",
+    "WorkerLostError",
     "current_task",
     "registered_tasks",
     "task",

@@ -56,18 +56,52 @@ def _non_negative(name: str, value: object) -> float:
     return number
 
 
-def _storage_path(storage: str | None) -> str | None:
+#: Options the worker command sets over the app's own (``workers``,
+#: ``max_workers``, ``queues``) before it imports the app; see ``catzilla.cli``.
+OVERRIDES: dict[str, Any] = {}
+
+_STORAGE_FORMS = (
+    "'sqlite:///path/to/tasks.db', 'redis://[:password@]host:port/db' or 'rediss://...'"
+)
+
+
+def _storage_url(storage: str | None) -> str | None:
+    """Checks a storage URL's form (the store checks the rest when it opens)."""
     if storage is None:
         return None
-    prefix = "sqlite:///"
-    if not isinstance(storage, str) or not storage.startswith(prefix) or storage == prefix:
-        raise ValueError(f"storage must look like 'sqlite:///path/to/tasks.db', got {storage!r}")
-    path = storage[len(prefix) :]
+    if not isinstance(storage, str):
+        raise TypeError(f"storage must be a str URL ({_STORAGE_FORMS}), got {storage!r}")
     try:
-        path.encode()
+        storage.encode()
     except UnicodeEncodeError:
-        raise ValueError(f"storage names a path that is not valid text: {path!r}") from None
-    return path
+        raise ValueError(f"storage is not valid text: {storage!r}") from None
+    for scheme in ("sqlite:///", "redis://", "rediss://"):
+        if storage.startswith(scheme) and len(storage) > len(scheme):
+            return storage
+    raise ValueError(f"storage must look like {_STORAGE_FORMS}, got {storage!r}")
+
+
+def _queue_names(queues: object) -> list[str]:
+    if queues is None:
+        return ["default"]
+    if isinstance(queues, str) or not isinstance(queues, (list, tuple)):
+        raise TypeError(f"queues must be a list of queue names, got {queues!r}")
+    names = list(dict.fromkeys(queues))
+    if not names or not all(isinstance(q, str) and q and "," not in q for q in names):
+        raise ValueError(f"queues must be non-empty names without commas, got {queues!r}")
+    return names
+
+
+def _readable(row: dict[str, Any]) -> TaskInfo | None:
+    """A stored row as a ``TaskInfo``; None (logged) for a record that is not
+    one catzilla wrote (corrupt, or another program's)."""
+    try:
+        return TaskInfo.from_row(row)
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        logger.warning(
+            "skipped an unreadable task record in the store: %r (%s)", row.get("task_id"), exc
+        )
+        return None
 
 
 _live_engines: weakref.WeakSet[BackgroundTasks] = weakref.WeakSet()
@@ -111,14 +145,28 @@ class BackgroundTasks(Engine):
         default_max_retries: int = 3,
         default_timeout_ms: float = 30000,
         storage: str | None = None,
-        storage_strict: bool = False,
+        queues: list[str] | None = None,
+        lease_timeout: float = 30.0,
     ) -> BackgroundTasks:
+        workers = OVERRIDES.get("workers", workers)
+        max_workers = OVERRIDES.get("max_workers", max_workers)
+        queues = OVERRIDES.get("queues", queues)
+        url = _storage_url(storage)
         if workers is None:
             workers = min(32, (os.cpu_count() or 1) + 4)
-        workers = _positive_int("workers", workers, maximum=MAX_WORKERS)
+        workers = _positive_int("workers", workers, minimum=0, maximum=MAX_WORKERS)
+        if workers == 0 and url is None:
+            raise ValueError(
+                "workers=0 (a process that only queues tasks) needs a shared store: "
+                "storage='sqlite:///...' or 'redis://...'"
+            )
+        queue_names = _queue_names(queues)
+        lease = _non_negative("lease_timeout", lease_timeout)
+        if lease < 0.1:
+            raise ValueError(f"lease_timeout must be at least 0.1 seconds, got {lease_timeout!r}")
         min_workers = min(_positive_int("min_workers", min_workers, maximum=MAX_WORKERS), workers)
         if max_workers is None:
-            max_workers = max(workers, min(64, workers * 2))
+            max_workers = max(workers, min(64, workers * 2), 1)
         max_workers = _positive_int("max_workers", max_workers, maximum=MAX_WORKERS)
         if max_workers < workers:
             raise ValueError(f"max_workers ({max_workers}) must be >= workers ({workers})")
@@ -127,10 +175,7 @@ class BackgroundTasks(Engine):
             raise TypeError(f"enable_auto_scaling must be a bool, got {enable_auto_scaling!r}")
         if not isinstance(enable_profiling, bool):
             raise TypeError(f"enable_profiling must be a bool, got {enable_profiling!r}")
-        if not isinstance(storage_strict, bool):
-            raise TypeError(f"storage_strict must be a bool, got {storage_strict!r}")
         exit_timeout = _non_negative("exit_timeout", exit_timeout)
-        path = _storage_path(storage)
         self = super().__new__(
             cls,
             workers=workers,
@@ -149,8 +194,9 @@ class BackgroundTasks(Engine):
             default_delay_ms=default_delay_ms,
             default_max_retries=default_max_retries,
             default_timeout_ms=default_timeout_ms,
-            storage=path,
-            storage_strict=bool(storage_strict),
+            storage=url,
+            queues=queue_names,
+            lease_timeout=lease,
             flush_timeout=STORE_FLUSH_TIMEOUT,
         )
         self.exit_timeout = exit_timeout
@@ -164,6 +210,8 @@ class BackgroundTasks(Engine):
             "enable_profiling": enable_profiling,
             "result_ttl": result_ttl,
             "storage": storage,
+            "queues": queue_names,
+            "lease_timeout": lease,
         }
         _live_engines.add(self)
         return self
@@ -232,9 +280,9 @@ class BackgroundTasks(Engine):
 
     def get_task(self, task_id: str) -> TaskInfo | None:
         """The state of a task by id, or None for an unknown (or evicted) id.
-        With storage, tasks of earlier runs are found in the store."""
+        With a shared store, every process's tasks are read there."""
         handle = self.get_result(task_id)
-        if handle is not None:
+        if handle is not None and not self._store_readable():
             return TaskInfo.from_handle(handle)
         if not self._store_readable():
             return None
@@ -243,8 +291,13 @@ class BackgroundTasks(Engine):
         except StorageError:
             if self._store_readable():
                 raise
-            return None
-        return None if row is None else TaskInfo.from_row(row)
+            row = None
+        if row is not None:
+            info = _readable(row)
+            if info is None:
+                raise StorageError(f"task {task_id} in the store is not a record catzilla can read")
+            return info
+        return None if handle is None else TaskInfo.from_handle(handle)
 
     def list_tasks(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskInfo]:
         """Tasks newest first, optionally only those with ``status``: the
@@ -258,7 +311,7 @@ class BackgroundTasks(Engine):
         if self._store_readable():
             try:
                 rows = self._stored_list(None if status is None else status.value, limit)
-                return [TaskInfo.from_row(row) for row in rows]
+                return [info for info in map(_readable, rows) if info is not None]
             except StorageError:
                 if self._store_readable():
                     raise
@@ -279,18 +332,21 @@ class BackgroundTasks(Engine):
         return self.config["storage"] is not None and self.storage_error is None
 
     def recover(self) -> dict[str, list[str]]:
-        """Runs again the tasks an earlier run left unfinished in the store
-        (pending, scheduled, or interrupted while running), under their own
-        ids: at-least-once. Tasks that cannot run again (a lambda, arguments
-        that are not JSON, a function that no longer imports) are marked
-        failed with the reason. Safe to call more than once.
+        """Takes back the tasks whose owner is gone: leases that expired, and
+        those of processes of this host that have exited (a restart need not
+        wait out their lease). Live leases are never touched. Each such task
+        goes back to its queue under its own id, with its attempt counted
+        (at-least-once), or fails with ``WorkerLostError`` once its retries are
+        spent. Tasks merely waiting need nothing: they are in the shared queue.
+        Safe to call any time, from any process.
 
-        ``Catzilla.listen`` calls it before serving."""
+        ``Catzilla.listen`` and the worker command call it at start."""
         resubmitted, failed = self._recover()
         if resubmitted or failed:
             logger.warning(
-                "recovered %d unfinished task(s) from storage; %d could not run again",
-                len(resubmitted),
+                "took back %d task(s) from processes that are gone; %d of them had "
+                "no retries left and failed",
+                len(resubmitted) + len(failed),
                 len(failed),
             )
         return {"resubmitted": resubmitted, "failed": failed}

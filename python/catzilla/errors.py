@@ -12,11 +12,13 @@ __all__ = [
     "NotRestartableError",
     "StorageError",
     "TaskCancelledError",
+    "TaskError",
     "TaskInterrupt",
     "TaskNotReadyError",
     "TaskPanicError",
     "TaskQueueFullError",
     "TaskTimeoutError",
+    "WorkerLostError",
 ]
 
 
@@ -55,6 +57,56 @@ class StorageError(CatzillaError):
 class NotRestartableError(CatzillaError):
     """A stored task cannot run again after a restart (no stored arguments, or
     its function no longer imports); ``recover()`` records it as its error."""
+
+
+class TaskError(CatzillaError):
+    """A task another process ran failed with an exception this process
+    cannot rebuild; ``type_name`` names it and the remote traceback is a note."""
+
+    def __init__(self, message: str, type_name: str = "Exception") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+
+
+class WorkerLostError(CatzillaError):
+    """The worker process that held the task died or hung on each of its attempts."""
+
+
+def rebuild_error(task_id: str, text: str | None) -> BaseException:
+    """The exception for an error another process stored as JSON
+    (``{"type", "message", "traceback"}``): the same class when it is one of
+    catzilla's or a builtin exception taking a message, else ``TaskError``.
+    The remote traceback is attached as a note."""
+    import builtins
+    import json
+
+    record: dict[str, object] = {}
+    if text:
+        try:
+            loaded = json.loads(text)
+        except ValueError:
+            loaded = None
+        if isinstance(loaded, dict):
+            record = loaded
+    type_name = str(record.get("type") or "Exception")
+    message = str(record.get("message") or f"task {task_id} failed in another process")
+    short = type_name.rsplit(".", 1)[-1]
+    cls = globals().get(short) if short in __all__ or short == "WorkerLostError" else None
+    if cls is None:
+        candidate = getattr(builtins, short, None)
+        if isinstance(candidate, type) and issubclass(candidate, Exception):
+            cls = candidate
+    exc: BaseException
+    try:
+        exc = cls(message) if isinstance(cls, type) else TaskError(message, type_name)
+    except Exception:
+        exc = TaskError(message, type_name)
+    if not isinstance(exc, cls or TaskError) or str(exc) != message:
+        exc = TaskError(message, type_name)
+    trace = record.get("traceback")
+    if isinstance(trace, str) and trace:
+        exc.add_note(f"Traceback in the process that ran task {task_id}:\n{trace}")
+    return exc
 
 
 class NonRetryableError(Exception):

@@ -1,11 +1,23 @@
-"""What recovery needs from Python: finding a stored task's function again
-by its import name. The native core does the rest in one call."""
+"""Finding a stored task's function again by its import name, in any
+process on the shared store."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 from typing import Any
+
+#: Modules that stand for ``__main__``: a task a script (``python app.py``)
+#: queued is stored as ``__main__.fn``; a worker that imported the script as
+#: module ``app`` finds it there.
+_main_aliases: list[str] = []
+
+
+def register_main_alias(module_name: str) -> None:
+    """Lets import names under ``__main__`` resolve in ``module_name`` too
+    (the worker command registers the app module it imported)."""
+    if module_name not in _main_aliases:
+        _main_aliases.append(module_name)
 
 
 def resolve(name: str) -> Any:
@@ -28,4 +40,10 @@ def resolve(name: str) -> Any:
         except AttributeError:
             continue
         return obj
+    if parts[0] == "__main__" and len(parts) > 1:
+        for alias in _main_aliases:
+            try:
+                return resolve(".".join([alias, *parts[1:]]))
+            except LookupError:
+                continue
     raise LookupError(f"cannot import {name!r}")

@@ -47,6 +47,7 @@ class TaskOptions(TypedDict, total=False):
     timeout_ms: float | None
     delay_ms: float | None
     no_retry_for: tuple[type[BaseException], ...]
+    queue: str | None
 
 
 @overload
@@ -76,6 +77,7 @@ def task(func: Callable[..., Any] | None = None, /, **options: Unpack[TaskOption
         max_retries=options.get("max_retries"),
         timeout_ms=options.get("timeout_ms"),
         no_retry_for=no_retry_for or None,
+        queue=options.get("queue"),
     )
 
     def wrap(f: Callable[P, R]) -> TaskFunction[P, R]:

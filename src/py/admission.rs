@@ -27,12 +27,14 @@ pub struct TaskDefaults {
     timeout: Option<Option<Duration>>,
     /// Exception classes that fail the task at once.
     no_retry: Option<Py<PyAny>>,
+    /// The named queue its tasks go to.
+    queue: Option<String>,
 }
 
 #[pymethods]
 impl TaskDefaults {
     #[new]
-    #[pyo3(signature = (*, priority=None, delay_ms=None, max_retries=None, timeout_ms=None, no_retry_for=None))]
+    #[pyo3(signature = (*, priority=None, delay_ms=None, max_retries=None, timeout_ms=None, no_retry_for=None, queue=None))]
     fn new(
         py: Python<'_>,
         priority: Option<&Bound<'_, PyAny>>,
@@ -40,6 +42,7 @@ impl TaskDefaults {
         max_retries: Option<&Bound<'_, PyAny>>,
         timeout_ms: Option<&Bound<'_, PyAny>>,
         no_retry_for: Option<Bound<'_, PyAny>>,
+        queue: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let rt = runtime(py)?;
         Ok(Self {
@@ -52,6 +55,7 @@ impl TaskDefaults {
                 .map(|v| args::millis("timeout_ms", v).map(timeout_of))
                 .transpose()?,
             no_retry: no_retry_for.map(Bound::unbind),
+            queue: queue.map(queue_name).transpose()?,
         })
     }
 
@@ -60,54 +64,104 @@ impl TaskDefaults {
     }
 }
 
+/// A queue name: 1 to 200 characters, no control characters or commas.
+pub fn queue_name(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    let name: String = value
+        .extract()
+        .map_err(|_| Error::WrongType("queue", "a str", describe(value)))?;
+    if name.is_empty()
+        || name.chars().count() > 200
+        || name.chars().any(|c| c.is_control() || c == ',')
+    {
+        return Err(Error::BadValue(
+            "queue",
+            format!(
+                "must be 1 to 200 characters without commas or control characters, got {name:?}"
+            ),
+        )
+        .into());
+    }
+    Ok(name)
+}
+
+impl TaskDefaults {
+    /// The exception classes that fail the task at once, if declared.
+    pub fn no_retry(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.no_retry.as_ref().map(|t| t.clone_ref(py))
+    }
+}
+
 pub fn timeout_of(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
-/// The store row of a new task: its import name and its arguments as JSON,
-/// or the reason it could not run again after a restart.
+/// Why `value` is not JSON, naming the argument `what`; None when it is.
+fn not_json(
+    py: Python<'_>,
+    rt: &super::runtime::Runtime,
+    what: String,
+    value: &Bound<'_, PyAny>,
+) -> Option<String> {
+    let err = rt.json_dumps.bind(py).call1((value,)).err()?;
+    Some(format!(
+        "{what} ({}) is not JSON: {}",
+        describe(value),
+        err.value(py)
+    ))
+}
+
+/// The store row of a new task: its import name and its arguments as JSON.
+/// A shared store carries data, not live objects: a lambda, a local
+/// function or arguments that are not JSON are refused with a `TypeError`
+/// naming the argument.
 fn durable_row(
     py: Python<'_>,
     rt: &super::runtime::Runtime,
-    shared: &Shared,
     task: &NewTask,
     delay: Duration,
+    queue: String,
 ) -> PyResult<Row> {
     let func = task.call.func.bind(py);
     let name = super::task::import_name(func);
-    let mut reason = None;
-    if name.contains("<lambda>") || name.contains("<locals>") {
-        reason = Some(format!(
-            "{name} is a lambda or a local function, which cannot be imported again"
-        ));
+    let refuse = |why: String| {
+        pyo3::exceptions::PyTypeError::new_err(format!(
+            "a task on a shared store must be importable by name with JSON arguments: {why}"
+        ))
+    };
+    if name.contains("<lambda>") || name.contains("<locals>") || !name.contains('.') {
+        return Err(refuse(format!(
+            "func {name} is a lambda, a local function or has no module, which another process cannot import"
+        )));
     }
     let dumps = rt.json_dumps.bind(py);
-    let args = match dumps.call1((task.call.args.bind(py),)) {
-        Ok(text) => Some(text.extract::<String>()?),
+    let args = task.call.args.bind(py);
+    let args_text = match dumps.call1((args,)) {
+        Ok(text) => text.extract::<String>()?,
         Err(err) => {
-            reason.get_or_insert_with(|| format!("its arguments are not JSON: {}", err.value(py)));
-            None
+            let why = args
+                .iter()
+                .enumerate()
+                .find_map(|(i, a)| not_json(py, rt, format!("argument args[{i}]"), &a))
+                .unwrap_or_else(|| format!("the arguments are not JSON: {}", err.value(py)));
+            return Err(refuse(why));
         }
     };
-    let kwargs = match &task.call.kwargs {
-        None => Some("{}".to_string()),
+    let kwargs_text = match &task.call.kwargs {
+        None => "{}".to_string(),
         Some(k) => match dumps.call1((k.bind(py),)) {
-            Ok(text) => Some(text.extract::<String>()?),
+            Ok(text) => text.extract::<String>()?,
             Err(err) => {
-                reason.get_or_insert_with(|| {
-                    format!("its keyword arguments are not JSON: {}", err.value(py))
-                });
-                None
+                let why = k
+                    .bind(py)
+                    .iter()
+                    .find_map(|(key, v)| not_json(py, rt, format!("keyword argument {key}"), &v))
+                    .unwrap_or_else(|| {
+                        format!("the keyword arguments are not JSON: {}", err.value(py))
+                    });
+                return Err(refuse(why));
             }
         },
     };
-    if shared.storage_strict {
-        if let Some(why) = &reason {
-            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
-                "func cannot be stored durably (storage_strict=True): {why}"
-            )));
-        }
-    }
     let now = super::task::epoch_now();
     Ok(Row {
         task_id: super::task::format_id(task.prefix, task.seq),
@@ -125,10 +179,10 @@ fn durable_row(
         timeout_ms: task.timeout.map_or(0.0, |t| t.as_secs_f64() * 1000.0),
         due_at: now + delay.as_secs_f64(),
         progress: 0.0,
-        args: reason.is_none().then_some(args).flatten(),
-        kwargs: reason.is_none().then_some(kwargs).flatten(),
-        not_restartable: reason,
+        args: Some(args_text),
+        kwargs: Some(kwargs_text),
         created_at: now,
+        queue,
         ..Default::default()
     })
 }
@@ -139,6 +193,7 @@ pub struct CallOptions<'a, 'py> {
     pub delay_ms: Option<&'a Bound<'py, PyAny>>,
     pub max_retries: Option<&'a Bound<'py, PyAny>>,
     pub timeout_ms: Option<&'a Bound<'py, PyAny>>,
+    pub queue: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// A task ready to submit: made under the GIL, submitted without it.
@@ -164,12 +219,14 @@ pub fn prepare(
         delay_ms,
         max_retries,
         timeout_ms,
+        queue,
     } = options;
     let rt = runtime(py)?;
     let d = &shared.defaults;
     let (mut lane, mut delay, mut retries, mut timeout) =
         (d.lane, d.delay, d.max_retries, d.timeout);
     let mut no_retry = None;
+    let mut queue_name_declared = None;
     let mut func = func.clone();
     if func.get_type().is(rt.task_function_type.bind(py)) {
         let (inner, declared): (Bound<'_, PyAny>, Bound<'_, TaskDefaults>) =
@@ -180,6 +237,7 @@ pub fn prepare(
         retries = d.max_retries.unwrap_or(retries);
         timeout = d.timeout.unwrap_or(timeout);
         no_retry = d.no_retry.as_ref().map(|t| t.clone_ref(py));
+        queue_name_declared = d.queue.clone();
         func = inner;
     }
     if !func.is_callable() {
@@ -215,8 +273,19 @@ pub fn prepare(
         },
         callbacks: Vec::new(),
     };
+    let queue = match queue {
+        Some(q) => Some(queue_name(q)?),
+        None => queue_name_declared,
+    };
     let row = match &shared.store {
-        Some(_) => Some(durable_row(py, rt, shared, &task, delay)?),
+        Some(_) => Some(durable_row(
+            py,
+            rt,
+            &task,
+            delay,
+            queue.unwrap_or_else(|| crate::store::DEFAULT_QUEUE.to_string()),
+        )?),
+        // In memory every queue is this process's own: the name is checked, then unused.
         None => None,
     };
     Ok(Prepared { task, delay, row })

@@ -17,13 +17,15 @@ use super::periodic::PeriodicsSlot;
 use super::runtime::{log_in_background, runtime};
 use super::shared::{Counters, Defaults, Retention, Shared};
 use super::stats::{EngineStats, MB};
+use super::store_queue::StoreQueue;
 use super::task::{Job, KeyMap, Outcome, Status};
 use crate::errors::{describe, Error, Result};
 use crate::interpreter::close_event_loop;
 use crate::store::sqlite::SqliteStore;
-use crate::store::Records;
+use crate::store::{SharedConfig, SharedStore};
 use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::{Pool, PoolConfig};
+use crate::tasks::queue::Queue;
 use crate::tasks::scheduler::Scheduler;
 use crate::tasks::stats::{new_histogram, summary_ms, RateWindow, Sampler};
 use crate::tasks::watchdog::Watchdog;
@@ -46,7 +48,7 @@ impl Engine {
     #[pyo3(signature = (*, workers, min_workers, max_workers, queue_size, enable_auto_scaling,
         memory_pool_mb, enable_profiling, result_ttl, retry_backoff_ms, retry_backoff_cap_ms,
         starvation_ms, idle_timeout, default_priority, default_delay_ms, default_max_retries,
-        default_timeout_ms, storage, storage_strict, flush_timeout))]
+        default_timeout_ms, storage, queues, lease_timeout, flush_timeout))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -67,7 +69,8 @@ impl Engine {
         default_max_retries: &Bound<'_, PyAny>,
         default_timeout_ms: &Bound<'_, PyAny>,
         storage: Option<String>,
-        storage_strict: bool,
+        queues: Vec<String>,
+        lease_timeout: &Bound<'_, PyAny>,
         flush_timeout: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let rt = runtime(py)?;
@@ -79,10 +82,7 @@ impl Engine {
             max_retries: args::count("max_retries", default_max_retries)?,
             timeout: timeout_of(args::millis("timeout_ms", default_timeout_ms)?),
         };
-        let sched = Arc::new(
-            Scheduler::new(queue_size, args::millis("starvation_ms", starvation_ms)?)
-                .with_due_hook(Box::new(|job: &Job| job.mark_ready())),
-        );
+        let starvation = args::millis("starvation_ms", starvation_ms)?;
         let seed = origin.elapsed().as_nanos() as u64
             ^ u64::from(std::process::id()).rotate_left(32)
             ^ (std::ptr::addr_of!(origin) as u64);
@@ -95,12 +95,27 @@ impl Engine {
         };
         let result_ttl = args::span("result_ttl", result_ttl)?;
         let flush_timeout = args::span("flush_timeout", flush_timeout)?;
-        let store: Option<Arc<dyn Records>> = match storage {
-            Some(path) => Some(Arc::new(
-                py.detach(|| SqliteStore::open(&path, result_ttl, Box::new(log_degraded)))
-                    .map_err(|e| Error::Storage(e.0))?,
-            )),
+        let store: Option<Arc<dyn SharedStore>> = match storage {
+            Some(url) => {
+                let cfg = SharedConfig {
+                    owner: owner_id(rng.next_u64()),
+                    lease: args::positive_span("lease_timeout", lease_timeout)?,
+                    starvation,
+                    retention: result_ttl,
+                };
+                Some(open_store(py, &url, cfg)?)
+            }
             None => None,
+        };
+        let store_queue = store
+            .as_ref()
+            .map(|store| Arc::new(StoreQueue::new(store.clone(), queues, workers, queue_size)));
+        let sched: Arc<dyn Queue<Job>> = match &store_queue {
+            Some(q) => q.clone(),
+            None => Arc::new(
+                Scheduler::new(queue_size, starvation)
+                    .with_due_hook(Box::new(|job: &Job| job.mark_ready())),
+            ),
         };
         let pool_bytes =
             (args::positive("memory_pool_mb", memory_pool_mb, "a number of MB")? * MB) as u64;
@@ -119,6 +134,7 @@ impl Engine {
             next_seq: AtomicU64::new(1),
             next_token: AtomicU64::new(1),
             sched: sched.clone(),
+            store_queue: store_queue.clone(),
             watchdog: watchdog.clone(),
             pool: Mutex::new(None),
             backoff,
@@ -139,7 +155,6 @@ impl Engine {
             aio: Mutex::new(None),
             aio_closed: std::sync::atomic::AtomicBool::new(false),
             store,
-            storage_strict,
             flush_timeout,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             profiling: enable_profiling,
@@ -149,14 +164,22 @@ impl Engine {
         let cfg = PoolConfig {
             initial: workers,
             min: min_workers.min(workers),
-            max: max_workers.max(workers),
-            autoscale: enable_auto_scaling,
+            // No workers at all: a process that only queues tasks for others.
+            max: if workers == 0 {
+                0
+            } else {
+                max_workers.max(workers)
+            },
+            autoscale: enable_auto_scaling && workers > 0,
             idle_timeout,
             grow_interval: Duration::ZERO,
         };
         let pool = Pool::new(sched.clone(), shared.clone(), cfg, origin).map_err(Error::from)?;
         *shared.pool.lock() = Some(pool.clone());
         pool.start().map_err(Error::Thread)?;
+        if let Some(q) = &store_queue {
+            q.start(&shared).map_err(Error::Thread)?;
+        }
         let slots = pool.slots().clone();
         let dog = watchdog.clone();
         let watchdog_thread = std::thread::Builder::new()
@@ -197,7 +220,7 @@ impl Engine {
     }
 
     /// Queues `func(*args, **kwargs)`; see the stub for the full contract.
-    #[pyo3(signature = (func, *args, priority=None, delay_ms=None, max_retries=None, timeout_ms=None, **kwargs))]
+    #[pyo3(signature = (func, *args, priority=None, delay_ms=None, max_retries=None, timeout_ms=None, queue=None, **kwargs))]
     #[allow(clippy::too_many_arguments)]
     fn add_task(
         &self,
@@ -208,6 +231,7 @@ impl Engine {
         delay_ms: Option<&Bound<'_, PyAny>>,
         max_retries: Option<&Bound<'_, PyAny>>,
         timeout_ms: Option<&Bound<'_, PyAny>>,
+        queue: Option<&Bound<'_, PyAny>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<TaskResult> {
         self.shared.born.check()?;
@@ -222,6 +246,7 @@ impl Engine {
                 delay_ms,
                 max_retries,
                 timeout_ms,
+                queue,
             },
         )?;
         let job = self.shared.submit(p.task, p.delay, p.row)?;
@@ -379,7 +404,24 @@ impl Engine {
     fn _recover(&self, py: Python<'_>) -> PyResult<(Vec<String>, Vec<String>)> {
         self.shared.born.check()?;
         let done = super::store_bridge::recover(py, &self.shared)?;
-        Ok((done.resubmitted, done.failed))
+        Ok((done.requeued, done.failed))
+    }
+
+    /// This process's id on the shared store (`host:pid:random`), the owner
+    /// of its leases; None without a store.
+    #[getter]
+    fn owner_id(&self) -> Option<String> {
+        self.shared.store.as_ref().map(|s| s.config().owner.clone())
+    }
+
+    /// The named queues this process's workers serve (with a store).
+    #[getter]
+    fn queues(&self) -> Vec<String> {
+        self.shared
+            .store_queue
+            .as_ref()
+            .map(|q| q.queues().to_vec())
+            .unwrap_or_default()
     }
 
     /// One stored row by id, or None.
@@ -591,7 +633,12 @@ impl Engine {
             );
         }
         shared.watchdog.stop();
-        let in_flight = shared.jobs_where(|j| !j.status().is_final());
+        // With a store, the tasks this process waits for that run elsewhere
+        // are not its own to report: only those running here are.
+        let in_flight = match &shared.store_queue {
+            Some(_) => shared.jobs_where(|j| j.status() == Status::Running),
+            None => shared.jobs_where(|j| !j.status().is_final()),
+        };
         let aio = close_event_loop(&shared.aio, &shared.aio_closed);
         if let Some(aio) = aio {
             let left = deadline
@@ -610,12 +657,56 @@ impl Engine {
             py.detach(|| t.join()).ok();
         }
         let mut running = Vec::new();
+        let mut unfinished = Vec::new();
         for job in in_flight {
             match job.status() {
                 Status::Cancelled => cancelled.push(job.id()),
-                s if !s.is_final() => running.push(job.id()),
+                s if !s.is_final() => {
+                    running.push(job.id());
+                    unfinished.push(job);
+                }
                 _ => {}
             }
+        }
+        let mut handed_back = Vec::new();
+        if shared.store_queue.is_some() {
+            let waiting: Vec<String> = shared
+                .jobs_where(|j| j.local && j.status().is_waiting())
+                .iter()
+                .map(|j| j.id())
+                .collect();
+            if !waiting.is_empty() {
+                rt.log(
+                    py,
+                    "warning",
+                    format!(
+                        "shutdown left {} task(s) it queued waiting in the shared queue \
+                         (any process serving their queue runs them): {}",
+                        waiting.len(),
+                        preview(&waiting)
+                    ),
+                    None,
+                );
+            }
+        }
+        if let Some(q) = &shared.store_queue {
+            // Another process takes them now; their end here is not recorded.
+            q.hand_back(&unfinished);
+            handed_back = std::mem::take(&mut running);
+            py.detach(|| q.join());
+        }
+        if !handed_back.is_empty() {
+            rt.log(
+                py,
+                "warning",
+                format!(
+                    "{} task(s) still running at shutdown went back to the shared queue, \
+                     to run again in any process: {}",
+                    handed_back.len(),
+                    preview(&handed_back)
+                ),
+                None,
+            );
         }
         if !cancelled.is_empty() {
             rt.log(
@@ -625,7 +716,7 @@ impl Engine {
                     "shutdown cancelled {} task(s) that had not finished{}: {}",
                     cancelled.len(),
                     if shared.store.is_some() {
-                        " (queued ones stay pending in storage and run again after a restart)"
+                        " (queued ones stay in the shared queue)"
                     } else {
                         ""
                     },
@@ -663,9 +754,13 @@ impl Engine {
             }
         }
         let report = PyDict::new(py);
-        report.set_item("drained", cancelled.is_empty() && running.is_empty())?;
+        report.set_item(
+            "drained",
+            cancelled.is_empty() && running.is_empty() && handed_back.is_empty(),
+        )?;
         report.set_item("cancelled", PyList::new(py, &cancelled)?)?;
         report.set_item("still_running", PyList::new(py, &running)?)?;
+        report.set_item("handed_back", PyList::new(py, &handed_back)?)?;
         Ok((report.unbind(), interrupted))
     }
 }
@@ -688,6 +783,31 @@ impl Drop for Engine {
 /// thread, which never attaches: dropping a store joins it under the GIL.
 fn log_degraded(reason: &str) {
     log_in_background("error", reason.to_string());
+}
+
+/// This process's id on a shared store: host, pid and a random part (a
+/// new one per engine, so a restarted pid is never taken for the old one).
+fn owner_id(random: u64) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().replace(':', "_"))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}:{:08x}", std::process::id(), random as u32)
+}
+
+/// Opens the store a storage URL names (the Python side checked its form).
+fn open_store(py: Python<'_>, url: &str, cfg: SharedConfig) -> Result<Arc<dyn SharedStore>> {
+    if let Some(path) = url.strip_prefix("sqlite:///") {
+        let store = py
+            .detach(|| SqliteStore::open(path, cfg, Box::new(log_degraded)))
+            .map_err(|e| Error::Storage(e.0))?;
+        return Ok(Arc::new(store));
+    }
+    Err(Error::BadValue(
+        "storage",
+        format!("must be sqlite:///path, redis://host:port/db or rediss://..., got {url:?}"),
+    ))
 }
 
 fn preview(ids: &[String]) -> String {

@@ -30,7 +30,21 @@ impl Shared {
             return;
         };
         if let Some(store) = &self.store {
-            store.started(job.id(), i64::from(attempt), epoch_now());
+            store.started(job.id(), epoch_now());
+        }
+        if let Some(row) = job.take_stored() {
+            match super::store_bridge::resolve_call(py, rt, &row) {
+                Ok(call) => job.set_call(call),
+                Err(reason) => {
+                    let exc = rt.make_error(
+                        py,
+                        &rt.not_restartable_error,
+                        format!("task {} ({}) cannot run here: {reason}", job.id(), row.name),
+                    );
+                    self.complete(py, job, Status::Failed, Outcome::Error(exc.unbind()), true);
+                    return;
+                }
+            }
         }
         let Some((func, args, kwargs, no_retry)) = job.call_parts(py) else {
             self.finish_one(py);
@@ -74,13 +88,7 @@ impl Shared {
             Ok(value) if awaitable => self.start_async(py, rt, job, value, attempt),
             Ok(value) => {
                 record_micros(&mut slot.histogram.lock(), started.elapsed());
-                self.complete(
-                    py,
-                    job,
-                    Status::Completed,
-                    Outcome::Value(value.unbind()),
-                    true,
-                );
+                self.succeed(py, rt, job, value);
             }
             Err(err) => {
                 record_micros(&mut slot.histogram.lock(), started.elapsed());
@@ -88,6 +96,32 @@ impl Shared {
                 self.fail_attempt(py, rt, job, exc, no_retry);
             }
         }
+    }
+
+    /// A task returned `value`. On a shared store the value must be JSON
+    /// (the process that queued it reads it back); if not, the task fails
+    /// with a `TypeError` saying so, without retries.
+    fn succeed(&self, py: Python<'_>, rt: &Runtime, job: Job, value: Bound<'_, PyAny>) {
+        if self.store.is_some() {
+            if let Err(err) = rt.json_dumps.bind(py).call1((&value,)) {
+                let exc = pyo3::exceptions::PyTypeError::new_err(format!(
+                    "task {} returned {}, which is not JSON, and a shared store keeps results as JSON: {}",
+                    job.id(),
+                    crate::errors::describe(&value),
+                    err.value(py)
+                ));
+                let exc = exc.into_value(py).into_any();
+                self.complete(py, job, Status::Failed, Outcome::Error(exc), true);
+                return;
+            }
+        }
+        self.complete(
+            py,
+            job,
+            Status::Completed,
+            Outcome::Value(value.unbind()),
+            true,
+        );
     }
 
     fn record_profile(&self, name: String, took: Duration, failed: bool) {
@@ -199,9 +233,6 @@ impl Shared {
             match self.sched.requeue(job.lane, job.clone(), delay) {
                 Ok(()) => {
                     self.counters.retried.fetch_add(1, SeqCst);
-                    if let Some(store) = &self.store {
-                        store.waiting(job.id(), Status::Retrying);
-                    }
                     return;
                 }
                 Err(_) => job.set_status(Status::Running),
@@ -319,13 +350,7 @@ impl Shared {
             return Ok(());
         }
         match AsyncOutcome::from_code(kind) {
-            AsyncOutcome::Ok => self.complete(
-                py,
-                job,
-                Status::Completed,
-                Outcome::Value(value.unbind()),
-                true,
-            ),
+            AsyncOutcome::Ok => self.succeed(py, rt, job, value),
             AsyncOutcome::Timeout => {
                 let exc = self.timeout_error(py, rt, &job);
                 let no_retry = job.call_parts(py).and_then(|p| p.3);

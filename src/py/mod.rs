@@ -11,6 +11,7 @@ pub mod runtime;
 pub mod shared;
 pub mod stats;
 pub mod store_bridge;
+pub mod store_queue;
 pub mod task;
 
 use pyo3::prelude::*;

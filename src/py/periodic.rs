@@ -544,6 +544,7 @@ fn build_run(py: Python<'_>, shared: &Arc<Shared>, s: &Arc<Schedule>) -> PyResul
             delay_ms: None,
             max_retries: s.max_retries.as_ref().map(|v| v.bind(py)),
             timeout_ms: s.timeout_ms.as_ref().map(|v| v.bind(py)),
+            queue: None,
         },
     )?;
     let watch = Bound::new(

@@ -28,6 +28,8 @@ pub struct Runtime {
     /// `module.qualname` -> the object it names, or LookupError.
     pub resolve: Py<PyAny>,
     pub not_restartable_error: Py<PyAny>,
+    /// (task id, stored error JSON or None) -> the exception to raise for it.
+    pub rebuild_error: Py<PyAny>,
 }
 
 static RUNTIME: PyOnceLock<Runtime> = PyOnceLock::new();
@@ -72,6 +74,7 @@ pub fn _init_runtime(spec: &Bound<'_, PyDict>) -> PyResult<()> {
         encode_error: item(spec, "encode_error")?,
         resolve: item(spec, "resolve")?,
         not_restartable_error: item(spec, "NotRestartableError")?,
+        rebuild_error: item(spec, "rebuild_error")?,
     };
     if rt.priorities.len() != 4 {
         return Err(pyo3::exceptions::PyValueError::new_err(
@@ -136,6 +139,19 @@ impl Runtime {
             .call1((exc,))
             .and_then(|t| t.extract::<String>())
             .ok()
+    }
+
+    /// The exception for an error another process stored (see `rebuild_error`).
+    pub fn stored_error<'py>(
+        &self,
+        py: Python<'py>,
+        task_id: &str,
+        error: Option<&str>,
+    ) -> Bound<'py, PyAny> {
+        match self.rebuild_error.bind(py).call1((task_id, error)) {
+            Ok(exc) => exc,
+            Err(err) => err.into_value(py).into_bound(py).into_any(),
+        }
     }
 
     pub fn make_error<'py>(

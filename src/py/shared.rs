@@ -13,10 +13,11 @@ use pyo3::prelude::*;
 
 use super::handle::{run_callbacks, Owner, TaskResult};
 use super::runtime::runtime;
+use super::store_queue::StoreQueue;
 use super::task::epoch_now;
 use super::task::{parse_id, Job, Key, KeyMap, NewTask, Outcome, Status, TaskState};
 use crate::errors::{Error, Result};
-use crate::store::{Records, Row};
+use crate::store::{Row, SharedStore};
 use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::Pool;
 use crate::tasks::queue::Queue;
@@ -63,8 +64,10 @@ pub struct Shared {
     pub(crate) prefix: u32,
     pub(crate) next_seq: AtomicU64,
     pub(crate) next_token: AtomicU64,
-    /// Where tasks wait for a worker: the in-memory lanes and timer.
+    /// Where tasks wait for a worker: the in-memory lanes and timer, or
+    /// the store (`store_queue`).
     pub(crate) sched: Arc<dyn Queue<Job>>,
+    pub(crate) store_queue: Option<Arc<StoreQueue>>,
     pub(crate) watchdog: Arc<Watchdog>,
     pub(crate) pool: Mutex<Option<Arc<Pool<Job>>>>,
     pub(crate) backoff: Backoff,
@@ -81,10 +84,8 @@ pub struct Shared {
     pub(crate) sampler: Mutex<Sampler>,
     pub(crate) aio: Mutex<Option<Py<PyAny>>>,
     pub(crate) aio_closed: std::sync::atomic::AtomicBool,
-    /// Durable storage, when configured.
-    pub(crate) store: Option<Arc<dyn Records>>,
-    /// With storage: refuse tasks that could not run again after a restart.
-    pub(crate) storage_strict: bool,
+    /// The shared store (and queue), when configured.
+    pub(crate) store: Option<Arc<dyn SharedStore>>,
     /// How long reads and shutdown wait for the store to commit what it was handed.
     pub(crate) flush_timeout: Duration,
     /// Set by shutdown: tasks it cancels stay pending in the store.
@@ -184,9 +185,74 @@ impl Shared {
         outcome: Outcome,
         in_flight: bool,
     ) {
+        self.conclude(py, job, status, outcome, in_flight, true)
+    }
+
+    /// A task this process queued was finished by another process: its
+    /// handle gets the stored outcome.
+    pub fn finished_elsewhere(&self, py: Python<'_>, row: Row) {
+        let Some(job) = self.lookup(&row.task_id) else {
+            return;
+        };
+        if job.status().is_final() {
+            return;
+        }
+        let Ok(rt) = runtime(py) else { return };
+        let Some(status) = Status::parse(&row.status).filter(|s| s.is_final()) else {
+            return;
+        };
+        let outcome = match status {
+            Status::Completed => {
+                let value = match row.result.as_deref() {
+                    Some(text) => rt.json_loads.bind(py).call1((text,)),
+                    None => Ok(py.None().into_bound(py)),
+                };
+                match value {
+                    Ok(v) => Outcome::Value(v.unbind()),
+                    Err(e) => Outcome::Error(e.into_value(py).into_any()),
+                }
+            }
+            _ => {
+                let exc = rt.stored_error(py, &row.task_id, row.error.as_deref());
+                if status == Status::Cancelled {
+                    Outcome::Cancelled(exc.unbind())
+                } else {
+                    Outcome::Error(exc.unbind())
+                }
+            }
+        };
+        self.conclude(py, job, status, outcome, false, false);
+    }
+
+    /// Fails every task this process queued that has not started here:
+    /// the store they wait in stopped (`reason`).
+    pub fn fail_awaited(&self, py: Python<'_>, reason: &str) {
+        for job in self.jobs_where(|j| j.local && j.status().is_waiting()) {
+            let err: PyErr = Error::Storage(format!(
+                "task {} is lost with the store it waited in: {reason}",
+                job.id()
+            ))
+            .into();
+            let exc = err.into_value(py).into_any();
+            self.conclude(py, job, Status::Failed, Outcome::Error(exc), false, false);
+        }
+    }
+
+    fn conclude(
+        &self,
+        py: Python<'_>,
+        job: Job,
+        status: Status,
+        outcome: Outcome,
+        in_flight: bool,
+        record: bool,
+    ) {
         let (callbacks, call) = job.finish(py, status, outcome);
         drop(call);
-        if let Some(store) = &self.store {
+        if let Some(queue) = &self.store_queue {
+            queue.settled(&job);
+        }
+        if let (Some(store), true) = (&self.store, record) {
             let at_shutdown =
                 status == Status::Cancelled && self.shutting_down.load(SeqCst) && !in_flight;
             if !at_shutdown {
@@ -198,7 +264,9 @@ impl Shared {
             Status::Failed => self.counters.failed.fetch_add(1, SeqCst),
             _ => self.counters.cancelled.fetch_add(1, SeqCst),
         };
-        self.counters.pending_bytes.fetch_sub(job.footprint, SeqCst);
+        if job.local {
+            self.counters.pending_bytes.fetch_sub(job.footprint, SeqCst);
+        }
         if status != Status::Cancelled {
             self.rate.lock().record(1, Instant::now());
         }
@@ -216,7 +284,7 @@ impl Shared {
 
     /// Writes a final state to the store: the result as JSON (its repr when
     /// it is not JSON) or the error as `{"type", "message", "traceback"}`.
-    fn store_outcome(&self, py: Python<'_>, store: &dyn Records, job: &Job, status: Status) {
+    fn store_outcome(&self, py: Python<'_>, store: &dyn SharedStore, job: &Job, status: Status) {
         let Ok(rt) = runtime(py) else { return };
         let (result, error) = match job.outcome_object(py) {
             Some((true, value)) => {
@@ -235,15 +303,34 @@ impl Shared {
     }
 
     pub fn cancel(&self, py: Python<'_>, job: &Job) -> PyResult<bool> {
-        let Some(taken) = self.sched.cancel(job.lane, &mut |j| Arc::ptr_eq(j, job)) else {
-            return Ok(false);
-        };
         let rt = runtime(py)?;
         let exc = rt.make_error(
             py,
             &rt.cancelled_error,
             format!("task {} was cancelled", job.id()),
         );
+        let Some(taken) = self.sched.cancel(job.lane, &mut |j| Arc::ptr_eq(j, job)) else {
+            // With a store, the task may still wait there for any process.
+            let Some(store) = self.store.as_ref().filter(|_| job.status().is_waiting()) else {
+                return Ok(false);
+            };
+            let error = rt.error_json(&exc).unwrap_or_default();
+            let id = job.id();
+            let cancelled = py
+                .detach(|| store.cancel_queued(&id, &error))
+                .map_err(|e| Error::Storage(e.0))?;
+            if cancelled {
+                self.conclude(
+                    py,
+                    job.clone(),
+                    Status::Cancelled,
+                    Outcome::Cancelled(exc.unbind()),
+                    false,
+                    false,
+                );
+            }
+            return Ok(cancelled);
+        };
         self.complete(
             py,
             taken,
@@ -268,7 +355,13 @@ impl Shared {
                         // NOTE: the row goes to the store before the task can start, so the
                         // store sees its insert before any update.
         let stored = match (&self.store, row) {
-            (Some(store), Some(row)) => {
+            (Some(store), Some(mut row)) => {
+                if let Some(why) = store.unavailable() {
+                    let removed = self.shard(key).lock().remove(&key);
+                    drop(removed);
+                    return Err(Error::Storage(format!("cannot queue the task: {why}")));
+                }
+                row.origin = Some(store.config().owner.clone());
                 store.insert(row);
                 Some(store)
             }

@@ -1,89 +1,50 @@
-//! The engine's side of its durable store, for Python: stored rows by id or
-//! status, and recovery, which runs again the tasks an earlier run left
-//! unfinished, building each one through admission as `add_task` does.
+//! The engine's side of its shared store, for Python: stored rows by id or
+//! status, the live call of a task claimed from another process, and
+//! recovery, which takes back the leases of processes that are gone.
 
 use std::sync::Arc;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyFloat, PyInt, PyTuple};
+use pyo3::types::{PyDict, PyTuple};
 
-use super::admission::{prepare, CallOptions, Prepared};
-use super::runtime::{runtime, Runtime};
+use super::admission::TaskDefaults;
+use super::runtime::Runtime;
 use super::shared::Shared;
-use super::task::{epoch_now, parse_id, Status};
+use super::task::{Call, Status};
 use crate::errors::{Error, Result};
-use crate::store::{Records, Row, StoreError};
+use crate::store::{Reaped, Row, SharedStore, StoreError};
 
-/// What `recover` did: the ids run again, and the ids marked failed for good.
-#[derive(Default)]
-pub struct Recovered {
-    pub resubmitted: Vec<String>,
-    pub failed: Vec<String>,
-}
-
-/// Runs again the unfinished tasks of the store (pending, scheduled,
-/// retrying, or running when their process ended) under their own ids:
-/// at-least-once. A task this engine already has is left alone. One that
-/// cannot run again (stored without its arguments, a function that no longer
-/// imports, corrupt data) is marked failed with a `NotRestartableError`.
-pub fn recover(py: Python<'_>, shared: &Arc<Shared>) -> PyResult<Recovered> {
-    let rt = runtime(py)?;
-    let mut done = Recovered::default();
+/// Puts back in the queue the tasks whose lease expired, and those held by
+/// processes of this host that have exited (a restart need not wait out
+/// their lease); live leases are never touched. At-least-once: each runs
+/// again with its attempt counted, or fails once its retries are spent.
+pub fn recover(py: Python<'_>, shared: &Arc<Shared>) -> PyResult<Reaped> {
     let Some(store) = &shared.store else {
-        return Ok(done);
+        return Ok(Reaped::default());
     };
-    let unfinished: Vec<Status> = Status::ALL.into_iter().filter(|s| !s.is_final()).collect();
-    for row in read(py, shared, store, |s| s.load(&unfinished))? {
-        if shared.lookup(&row.task_id).is_some() {
-            continue; // already running in this engine
-        }
-        match rebuild(py, rt, shared, &row) {
-            Ok(p) => {
-                let status = if p.delay.is_zero() {
-                    Status::Pending
-                } else {
-                    Status::Scheduled
-                };
-                let job = shared.submit(p.task, p.delay, None)?;
-                store.waiting(job.id(), status);
-                done.resubmitted.push(row.task_id);
-            }
-            Err(reason) => {
-                let exc = rt.make_error(
-                    py,
-                    &rt.not_restartable_error,
-                    format!("cannot run again after a restart: {reason}"),
-                );
-                let error = rt.error_json(&exc);
-                store.finished(
-                    row.task_id.clone(),
-                    Status::Failed,
-                    None,
-                    error,
-                    epoch_now(),
-                );
-                done.failed.push(row.task_id);
-            }
-        }
-    }
-    Ok(done)
+    Ok(read(py, shared, store, |s| s.reap(true))?)
 }
 
-/// The stored task, built again through admission under its stored id; or
-/// why it cannot be.
-fn rebuild(
-    py: Python<'_>,
-    rt: &Runtime,
-    shared: &Arc<Shared>,
-    row: &Row,
-) -> std::result::Result<Prepared, String> {
+/// The live call of a task another process queued: its function found
+/// again by import name, its arguments from JSON; or why it cannot run.
+pub fn resolve_call(py: Python<'_>, rt: &Runtime, row: &Row) -> std::result::Result<Call, String> {
     if let Some(reason) = &row.not_restartable {
         return Err(reason.clone());
     }
-    let (prefix, seq) =
-        parse_id(&row.task_id).ok_or_else(|| format!("{:?} is not a task id", row.task_id))?;
     let text = |e: PyErr| e.value(py).to_string();
-    let func = rt.resolve.bind(py).call1((&row.name,)).map_err(text)?;
+    let mut func = rt.resolve.bind(py).call1((&row.name,)).map_err(text)?;
+    let mut no_retry = None;
+    if func.get_type().is(rt.task_function_type.bind(py)) {
+        let (inner, declared): (Bound<'_, PyAny>, Bound<'_, TaskDefaults>) = func
+            .getattr("_catzilla_task")
+            .and_then(|t| t.extract())
+            .map_err(text)?;
+        no_retry = declared.get().no_retry(py);
+        func = inner;
+    }
+    if !func.is_callable() {
+        return Err(format!("{} is not callable", row.name));
+    }
     let loads =
         |json: &Option<String>, what: &str| -> std::result::Result<Bound<'_, PyAny>, String> {
             let json = json
@@ -104,31 +65,12 @@ fn rebuild(
     let kwargs = kwargs
         .cast::<PyDict>()
         .map_err(|_| "its keyword arguments are not a JSON object".to_string())?;
-    let priority = usize::try_from(row.priority)
-        .ok()
-        .and_then(|lane| rt.priorities.get(lane))
-        .ok_or_else(|| format!("its priority {} is not a lane", row.priority))?
-        .bind(py);
-    let delay_ms = PyFloat::new(py, ((row.due_at - epoch_now()) * 1000.0).max(0.0));
-    let max_retries = PyInt::new(py, row.max_retries);
-    let timeout_ms = PyFloat::new(py, row.timeout_ms);
-    let mut p = prepare(
-        py,
-        shared,
-        &func,
-        &args,
-        Some(kwargs),
-        CallOptions {
-            priority: Some(priority),
-            delay_ms: Some(delay_ms.as_any()),
-            max_retries: Some(max_retries.as_any()),
-            timeout_ms: Some(timeout_ms.as_any()),
-        },
-    )
-    .map_err(text)?;
-    p.task.prefix = prefix;
-    p.task.seq = seq;
-    Ok(p)
+    Ok(Call {
+        func: func.unbind(),
+        args: args.unbind(),
+        kwargs: (!kwargs.is_empty()).then(|| kwargs.clone().unbind()),
+        no_retry,
+    })
 }
 
 /// One stored row by id, or None (also without storage).
@@ -167,8 +109,8 @@ pub fn stored_list<'py>(
 fn read<R: Send>(
     py: Python<'_>,
     shared: &Shared,
-    store: &Arc<dyn Records>,
-    f: impl FnOnce(&dyn Records) -> std::result::Result<R, StoreError> + Send,
+    store: &Arc<dyn SharedStore>,
+    f: impl FnOnce(&dyn SharedStore) -> std::result::Result<R, StoreError> + Send,
 ) -> Result<R> {
     py.detach(|| {
         store.flush(shared.flush_timeout);
@@ -202,5 +144,6 @@ fn row_dict<'py>(py: Python<'py>, r: &Row) -> PyResult<Bound<'py, PyDict>> {
     d.set_item("created_at", r.created_at)?;
     d.set_item("started_at", r.started_at)?;
     d.set_item("finished_at", r.finished_at)?;
+    d.set_item("queue", &r.queue)?;
     Ok(d)
 }

@@ -40,6 +40,9 @@ pub(super) struct Inner {
     pub(super) step: Option<Box<str>>,
     /// When it became final, in ns from the clock anchor.
     pub(super) finished_ns: Option<u64>,
+    /// A task claimed from the store that another process queued: its
+    /// function's import name and JSON arguments, resolved when it runs.
+    pub(super) stored: Option<Box<crate::store::Row>>,
 }
 
 /// Seconds since the Unix epoch, for timestamps users read.
@@ -70,6 +73,8 @@ pub struct TaskState {
     pub created: Instant,
     /// Estimated bytes this task holds while it is not finished.
     pub footprint: u64,
+    /// Queued by this process (not claimed from another one's).
+    pub local: bool,
     status: AtomicU8,
     attempts: AtomicU32,
     /// When the first attempt started, in ns from the clock anchor; 0: never.
@@ -189,6 +194,7 @@ impl TaskState {
             timeout: t.timeout,
             created: Instant::now(),
             footprint: t.footprint,
+            local: true,
             status: AtomicU8::new(status as u8),
             attempts: AtomicU32::new(0),
             first_start_ns: AtomicU64::new(0),
@@ -201,9 +207,60 @@ impl TaskState {
                 progress: 0.0,
                 step: None,
                 finished_ns: None,
+                stored: None,
             }),
             done: Condvar::new(),
         }
+    }
+
+    /// A task claimed from the store that another process queued; None when
+    /// its id is not one of ours (a foreign record).
+    pub fn from_row(row: crate::store::Row, attempts: u32) -> Option<Self> {
+        let (prefix, seq) = parse_id(&row.task_id)?;
+        let timeout = (row.timeout_ms > 0.0 && row.timeout_ms.is_finite())
+            .then(|| Duration::from_secs_f64(row.timeout_ms / 1000.0));
+        Some(Self {
+            seq,
+            prefix,
+            lane: usize::try_from(row.priority)
+                .unwrap_or(0)
+                .min(crate::tasks::lanes::LANES - 1),
+            max_retries: u32::try_from(row.max_retries).unwrap_or(0),
+            timeout,
+            created: Instant::now(),
+            footprint: 200,
+            local: false,
+            status: AtomicU8::new(Status::Pending as u8),
+            attempts: AtomicU32::new(attempts),
+            first_start_ns: AtomicU64::new(0),
+            inner: Mutex::new(Inner {
+                call: None,
+                func: None,
+                outcome: Outcome::Pending,
+                errors: Vec::new(),
+                callbacks: Vec::new(),
+                progress: row.progress,
+                step: row.current_step.as_deref().map(Into::into),
+                finished_ns: None,
+                stored: Some(Box::new(row)),
+            }),
+            done: Condvar::new(),
+        })
+    }
+
+    /// The stored call of a task claimed from another process, once: it is
+    /// resolved into a live call before its first attempt here.
+    pub fn take_stored(&self) -> Option<Box<crate::store::Row>> {
+        self.inner.lock().stored.take()
+    }
+
+    /// Gives the task its live call (resolved from the store).
+    pub fn set_call(&self, call: Call) {
+        self.inner.lock().call = Some(call);
+    }
+
+    pub fn set_attempts(&self, n: u32) {
+        self.attempts.store(n, SeqCst);
     }
 
     pub fn id(&self) -> String {

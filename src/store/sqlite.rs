@@ -1,4 +1,9 @@
-//! Task records in SQLite (WAL), written by one thread in batched transactions.
+//! The shared store in SQLite (WAL): one file, any number of processes on
+//! one host. Writes are handed to one thread that commits them in batches;
+//! claims, lease upkeep and schedules are short `BEGIN IMMEDIATE`
+//! transactions on a second connection. Waiting for work or for news is a
+//! timer that looks at `PRAGMA data_version` (a few microseconds), never a
+//! query loop.
 //!
 //! Pure Rust: callers hand over rows and updates; nothing here touches Python.
 
@@ -12,7 +17,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use super::{OnDegraded, Records, Row, ScheduleRecord, StoreError};
+use super::{
+    pid_is_gone, OnDegraded, Reaped, Records, Row, ScheduleRecord, SharedConfig, SharedStore,
+    StoreError, DEFAULT_QUEUE,
+};
 use crate::tasks::status::Status;
 
 /// Most writes one transaction takes.
@@ -22,12 +30,7 @@ enum Op {
     Insert(Box<Row>),
     Started {
         id: String,
-        attempts: i64,
         at: f64,
-    },
-    Waiting {
-        id: String,
-        status: Status,
     },
     Progress {
         id: String,
@@ -42,6 +45,13 @@ enum Op {
         at: f64,
     },
     Delete(String),
+    Release(Vec<String>),
+    Retry {
+        id: String,
+        due_at: f64,
+    },
+    /// News up to this sequence number was told to this process.
+    Told(i64),
     Flush(Sender<()>),
     Stop,
 }
@@ -94,15 +104,32 @@ fn final_statuses_sql() -> String {
 
 pub struct SqliteStore {
     path: String,
+    cfg: SharedConfig,
     /// The process whose writer thread this is: a child made by `fork()`
     /// has no such thread, and must never wait for it.
     pid: u32,
     tx: Sender<Op>,
     writer: Mutex<Option<JoinHandle<()>>>,
     health: Arc<Health>,
-    /// For schedules: answers that cannot wait for the writer's next batch.
+    /// Claims, leases and schedules: answers that cannot wait for the
+    /// writer's next batch.
     control: Mutex<Option<Connection>>,
+    /// Looks for news of tasks finished elsewhere, and for new work.
+    news: Mutex<Watch>,
+    work: Mutex<Watch>,
 }
+
+/// A connection that looks at `data_version`: the last one seen, and (for
+/// news) the last sequence number told.
+#[derive(Default)]
+struct Watch {
+    conn: Option<Connection>,
+    version: Option<i64>,
+    told: i64,
+}
+
+/// How often a waiting process looks at `PRAGMA data_version`.
+const LOOK_INTERVAL: Duration = Duration::from_millis(5);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS catzilla_tasks (
@@ -125,6 +152,12 @@ CREATE TABLE IF NOT EXISTS catzilla_tasks (
     started_at REAL,
     finished_at REAL
 );
+CREATE TABLE IF NOT EXISTS catzilla_done (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    origin TEXT NOT NULL,
+    task_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS catzilla_done_origin ON catzilla_done (origin, seq);
 CREATE INDEX IF NOT EXISTS catzilla_tasks_status ON catzilla_tasks (status);
 CREATE INDEX IF NOT EXISTS catzilla_tasks_finished ON catzilla_tasks (finished_at)
     WHERE finished_at IS NOT NULL;
@@ -143,13 +176,61 @@ CREATE TABLE IF NOT EXISTS catzilla_schedule_runs (
 );
 ";
 
+/// Columns added to the task table since its first version, with their
+/// type: the queue (`queue`, `rank`, `waiting`: 1 while it waits) and the
+/// lease (`owner`, `lease_until`), and who queued it (`origin`).
+const QUEUE_COLUMNS: [(&str, &str); 6] = [
+    ("queue", "TEXT NOT NULL DEFAULT 'default'"),
+    ("origin", "TEXT"),
+    ("owner", "TEXT"),
+    ("lease_until", "REAL"),
+    ("rank", "REAL"),
+    ("waiting", "INTEGER"),
+];
+
+const QUEUE_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS catzilla_tasks_ready ON catzilla_tasks (queue, rank) WHERE waiting = 1;
+CREATE INDEX IF NOT EXISTS catzilla_tasks_due ON catzilla_tasks (due_at) WHERE waiting = 1;
+CREATE INDEX IF NOT EXISTS catzilla_tasks_leases ON catzilla_tasks (lease_until)
+    WHERE owner IS NOT NULL;
+";
+
+/// Adds the queue and lease columns to a file made by an earlier version;
+/// its unfinished tasks (a `running` one's process is gone) wait again.
+fn add_queue_columns(conn: &Connection, starvation: Duration) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('catzilla_tasks')")?;
+    let known = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let missing: Vec<_> = QUEUE_COLUMNS
+        .iter()
+        .filter(|(name, _)| !known.iter().any(|k| k == name))
+        .collect();
+    if !missing.is_empty() {
+        let tx = conn.unchecked_transaction()?;
+        for (name, kind) in &missing {
+            tx.execute_batch(&format!(
+                "ALTER TABLE catzilla_tasks ADD COLUMN {name} {kind}"
+            ))?;
+        }
+        tx.execute(
+            "UPDATE catzilla_tasks SET waiting = 1, status = CASE status WHEN 'running' \
+             THEN 'pending' ELSE status END, rank = due_at + priority * ?1 \
+             WHERE status IN ('pending', 'scheduled', 'retrying', 'running')",
+            [starvation.as_secs_f64()],
+        )?;
+        tx.commit()?;
+    }
+    conn.execute_batch(QUEUE_INDEXES)
+}
+
 /// Runs kept per schedule in `catzilla_schedule_runs`; older ones are pruned.
 const RUNS_KEPT: i64 = 200;
 
-fn open_connection(path: &str) -> Result<Connection, StoreError> {
+fn open_connection(path: &str, starvation: Duration) -> Result<Connection, StoreError> {
     let conn =
         Connection::open(path).map_err(|e| StoreError(format!("cannot open {path}: {e}")))?;
-    conn.busy_timeout(Duration::from_secs(2))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         .map_err(|e| StoreError(format!("{path} is not a usable SQLite database: {e}")))?;
@@ -161,6 +242,7 @@ fn open_connection(path: &str) -> Result<Connection, StoreError> {
     conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA journal_size_limit=16777216;")?;
     use_incremental_vacuum(&conn);
     conn.execute_batch(SCHEMA)
+        .and_then(|_| add_queue_columns(&conn, starvation))
         .map_err(|e| StoreError(format!("cannot write to {path}: {e}")))?;
     // Prove the file takes writes now (read-only or locked files fail here).
     conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
@@ -187,16 +269,19 @@ fn use_incremental_vacuum(conn: &Connection) {
     }
 }
 
+/// How long a statement waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl SqliteStore {
     /// Opens (or creates) the database and starts the writer thread.
-    /// Finished rows older than `retention` are deleted by that thread.
+    /// Finished rows older than the retention are deleted by that thread.
     /// `on_degraded` is told once if the store later stops taking writes.
     pub fn open(
         path: &str,
-        retention: Duration,
+        cfg: SharedConfig,
         on_degraded: OnDegraded,
     ) -> Result<Self, StoreError> {
-        let conn = open_connection(path)?;
+        let conn = open_connection(path, cfg.starvation)?;
         let id = std::fs::metadata(path)
             .map(|m| FileId {
                 dev: m.dev(),
@@ -211,7 +296,7 @@ impl SqliteStore {
             id,
             health: health.clone(),
             on_degraded,
-            retention,
+            cfg: cfg.clone(),
             next_prune: Instant::now(),
         };
         let writer = std::thread::Builder::new()
@@ -220,11 +305,14 @@ impl SqliteStore {
             .map_err(|e| StoreError(format!("cannot start the store thread: {e}")))?;
         Ok(Self {
             path: path.to_string(),
+            cfg,
             pid: std::process::id(),
             tx,
             writer: Mutex::new(Some(writer)),
             health,
             control: Mutex::new(None),
+            news: Mutex::new(Watch::default()),
+            work: Mutex::new(Watch::default()),
         })
     }
 
@@ -238,7 +326,7 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| StoreError(format!("cannot open {}: {e}", self.path)))?;
-        conn.busy_timeout(Duration::from_secs(2))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         Ok(conn)
     }
 
@@ -278,12 +366,8 @@ impl Records for SqliteStore {
         let _ = self.tx.send(Op::Delete(id));
     }
 
-    fn started(&self, id: String, attempts: i64, at: f64) {
-        let _ = self.tx.send(Op::Started { id, attempts, at });
-    }
-
-    fn waiting(&self, id: String, status: Status) {
-        let _ = self.tx.send(Op::Waiting { id, status });
+    fn started(&self, id: String, at: f64) {
+        let _ = self.tx.send(Op::Started { id, at });
     }
 
     fn progress(&self, id: String, progress: f64, step: Option<String>) {
@@ -412,21 +496,6 @@ impl Records for SqliteStore {
         })
     }
 
-    /// Rows in one of `statuses`, oldest first, read on a fresh connection.
-    fn load(&self, statuses: &[Status]) -> Result<Vec<Row>, StoreError> {
-        let conn = self.reader()?;
-        let marks = vec!["?"; statuses.len()].join(",");
-        let sql = format!("SELECT {COLUMNS} FROM catzilla_tasks WHERE status IN ({marks}) ORDER BY created_at, task_id");
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt
-            .query_map(
-                rusqlite::params_from_iter(statuses.iter().map(|s| s.as_str())),
-                read_row,
-            )?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
-    }
-
     /// One row by id.
     fn get(&self, id: &str) -> Result<Option<Row>, StoreError> {
         let conn = self.reader()?;
@@ -460,14 +529,316 @@ impl Records for SqliteStore {
     }
 }
 
+/// `?, ?, ...` for `n` parameters.
+fn marks(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+impl SqliteStore {
+    /// Reads `PRAGMA data_version` on the watching connection: it changes
+    /// when another connection commits. Returns whether it changed since the
+    /// last look (true on the first).
+    fn changed(&self, watch: &mut Watch) -> Result<bool, StoreError> {
+        if watch.conn.is_none() {
+            watch.conn = Some(self.reader()?);
+        }
+        let Some(conn) = watch.conn.as_ref() else {
+            return Ok(false);
+        };
+        let version: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let changed = watch.version != Some(version);
+        watch.version = Some(version);
+        Ok(changed)
+    }
+
+    /// When the next task of `queues` falls due, if one waits.
+    fn next_due(&self, queues: &[String]) -> Result<Option<f64>, StoreError> {
+        self.with_control(|conn| {
+            let sql = format!(
+                "SELECT MIN(due_at) FROM catzilla_tasks WHERE waiting = 1 AND queue IN ({})",
+                marks(queues.len())
+            );
+            conn.query_row(&sql, rusqlite::params_from_iter(queues), |r| r.get(0))
+        })
+    }
+
+    /// Puts expired (or dead-owned) claims back in their queue, or fails
+    /// them once their retries are spent; tells their origin of failures.
+    fn reap_in(&self, conn: &mut Connection, dead_here: bool) -> rusqlite::Result<Reaped> {
+        let now = crate::clock::epoch_now();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut owners: Vec<String> = Vec::new();
+        if dead_here {
+            let mut stmt = tx.prepare(
+                "SELECT DISTINCT owner FROM catzilla_tasks WHERE owner IS NOT NULL AND owner != ?1",
+            )?;
+            let all = stmt
+                .query_map([&self.cfg.owner], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            owners = all
+                .into_iter()
+                .filter(|o| self.cfg.local_pid(o).is_some_and(pid_is_gone))
+                .collect();
+        }
+        let lost: Vec<(String, i64, i64, String)> = {
+            let sql = format!(
+                "SELECT task_id, attempts, max_retries, owner FROM catzilla_tasks \
+                 WHERE owner IS NOT NULL AND (lease_until < ?1 OR owner IN ({}))",
+                if owners.is_empty() {
+                    "NULL".to_string()
+                } else {
+                    marks(owners.len())
+                }
+            );
+            let mut stmt = tx.prepare(&sql)?;
+            let mut values: Vec<rusqlite::types::Value> = vec![now.into()];
+            values.extend(owners.iter().map(|o| o.clone().into()));
+            let found = stmt
+                .query_map(rusqlite::params_from_iter(values), |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            found
+        };
+        let mut reaped = Reaped::default();
+        for (id, attempts, max_retries, owner) in &lost {
+            if attempts <= max_retries {
+                reaped.requeued.push(id.clone());
+                tx.execute(
+                    "UPDATE catzilla_tasks SET status = 'pending', waiting = 1, owner = NULL, \
+                     lease_until = NULL, due_at = ?2, rank = ?2 + priority * ?3 WHERE task_id = ?1",
+                    params![id, now, self.cfg.starvation.as_secs_f64()],
+                )?;
+            } else {
+                let error = serde_json::json!({
+                    "type": "WorkerLostError",
+                    "message": format!(
+                        "task {id} was lost with its worker ({owner}) on each of its {attempts} attempt(s)"
+                    ),
+                    "traceback": null,
+                })
+                .to_string();
+                tx.execute(
+                    "UPDATE catzilla_tasks SET status = 'failed', waiting = NULL, owner = NULL, \
+                     lease_until = NULL, error = ?2, finished_at = ?3, args = NULL, kwargs = NULL \
+                     WHERE task_id = ?1",
+                    params![id, error, now],
+                )?;
+                tell_origin(&tx, id, "")?;
+                reaped.failed.push(id.clone());
+            }
+        }
+        tx.commit()?;
+        Ok(reaped)
+    }
+}
+
+impl SharedStore for SqliteStore {
+    fn config(&self) -> &SharedConfig {
+        &self.cfg
+    }
+
+    fn claim(&self, queues: &[String], max: usize) -> Result<Vec<Row>, StoreError> {
+        if max == 0 || queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(reason) = self.failure() {
+            return Err(StoreError(reason));
+        }
+        let now = crate::clock::epoch_now();
+        let until = now + self.cfg.lease.as_secs_f64();
+        self.with_control(|conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let sql = format!(
+                "UPDATE catzilla_tasks SET waiting = NULL, owner = ?1, \
+                 lease_until = ?2, attempts = attempts + 1 \
+                 WHERE task_id IN (SELECT task_id FROM catzilla_tasks WHERE waiting = 1 \
+                   AND queue IN ({}) AND due_at <= ?3 ORDER BY rank LIMIT {max}) \
+                 RETURNING {COLUMNS}",
+                (0..queues.len())
+                    .map(|i| format!("?{}", i + 4))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let mut values: Vec<rusqlite::types::Value> =
+                vec![self.cfg.owner.clone().into(), until.into(), now.into()];
+            values.extend(queues.iter().map(|q| q.clone().into()));
+            let mut rows = {
+                let mut stmt = tx.prepare_cached(&sql)?;
+                let found = stmt
+                    .query_map(rusqlite::params_from_iter(values), read_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                found
+            };
+            tx.commit()?;
+            // RETURNING gives no order: claim order is rank order.
+            rows.sort_by(|a, b| {
+                let rank = |r: &Row| self.cfg.rank(r.priority, r.due_at);
+                rank(a).total_cmp(&rank(b))
+            });
+            Ok(rows)
+        })
+    }
+
+    /// NOTE: the version seen is kept from one wait to the next, so a commit
+    /// made between an empty claim and this wait still ends it (the claim's
+    /// own commit does too, which costs one more empty claim, not a miss).
+    fn wait_for_work(&self, queues: &[String], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let due = self.next_due(queues).ok().flatten();
+        loop {
+            if !matches!(self.changed(&mut self.work.lock()), Ok(false)) {
+                return;
+            }
+            if due.is_some_and(|due| crate::clock::epoch_now() >= due) {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            std::thread::sleep(LOOK_INTERVAL.min(deadline - now));
+        }
+    }
+
+    fn renew(&self) -> Result<(), StoreError> {
+        if self.failure().is_some() || self.is_forked() {
+            return Ok(());
+        }
+        let until = crate::clock::epoch_now() + self.cfg.lease.as_secs_f64();
+        self.with_control(|conn| {
+            conn.execute(
+                "UPDATE catzilla_tasks SET lease_until = ?2 WHERE owner = ?1",
+                params![self.cfg.owner, until],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn release(&self, ids: Vec<String>) {
+        if !ids.is_empty() {
+            let _ = self.tx.send(Op::Release(ids));
+        }
+    }
+
+    fn retry(&self, id: String, due_at: f64) {
+        let _ = self.tx.send(Op::Retry { id, due_at });
+    }
+
+    fn reap(&self, dead_here: bool) -> Result<Reaped, StoreError> {
+        if self.failure().is_some() || self.is_forked() {
+            return Ok(Reaped::default());
+        }
+        self.with_control(|conn| self.reap_in(conn, dead_here))
+    }
+
+    fn cancel_queued(&self, id: &str, error: &str) -> Result<bool, StoreError> {
+        self.flush(Duration::from_secs(10));
+        let now = crate::clock::epoch_now();
+        self.with_control(|conn| {
+            conn.execute(
+                "UPDATE catzilla_tasks SET status = 'cancelled', waiting = NULL, error = ?2, \
+                 finished_at = ?3, args = NULL, kwargs = NULL WHERE task_id = ?1 AND waiting = 1",
+                params![id, error, now],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    fn finished_elsewhere(&self, timeout: Duration) -> Result<Vec<Row>, StoreError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut watch = self.news.lock();
+            if self.changed(&mut watch)? {
+                let Some(conn) = watch.conn.as_ref() else {
+                    return Ok(Vec::new());
+                };
+                let sql = format!(
+                    "SELECT d.seq, {} FROM catzilla_done AS d JOIN catzilla_tasks AS t \
+                     ON t.task_id = d.task_id WHERE d.origin = ?1 AND d.seq > ?2 \
+                     ORDER BY d.seq LIMIT 5000",
+                    COLUMNS
+                        .split(',')
+                        .map(|c| format!("t.{}", c.trim()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let mut last = watch.told;
+                let rows = stmt
+                    .query_map(params![self.cfg.owner, watch.told], |r| {
+                        let seq: i64 = r.get(0)?;
+                        let row = Row {
+                            task_id: r.get(1)?,
+                            name: r.get(2)?,
+                            status: r.get(3)?,
+                            priority: r.get(4)?,
+                            attempts: r.get(5)?,
+                            max_retries: r.get(6)?,
+                            timeout_ms: r.get(7)?,
+                            due_at: r.get(8)?,
+                            progress: r.get(9)?,
+                            current_step: r.get(10)?,
+                            args: r.get(11)?,
+                            kwargs: r.get(12)?,
+                            not_restartable: r.get(13)?,
+                            result: r.get(14)?,
+                            error: r.get(15)?,
+                            created_at: r.get(16)?,
+                            started_at: r.get(17)?,
+                            finished_at: r.get(18)?,
+                            queue: r.get(19)?,
+                            origin: r.get(20)?,
+                        };
+                        Ok((seq, row))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                drop(stmt);
+                let mut out = Vec::with_capacity(rows.len());
+                for (seq, row) in rows {
+                    last = last.max(seq);
+                    out.push(row);
+                }
+                if last > watch.told {
+                    watch.told = last;
+                    let _ = self.tx.send(Op::Told(last));
+                    // More may wait beyond this batch: look again next call.
+                    watch.version = None;
+                }
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+            }
+            drop(watch);
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            std::thread::sleep(LOOK_INTERVAL.min(deadline - now));
+        }
+    }
+
+    fn queued(&self, queues: &[String]) -> Result<usize, StoreError> {
+        let conn = self.reader()?;
+        let sql = format!(
+            "SELECT COUNT(*) FROM catzilla_tasks WHERE waiting = 1 AND queue IN ({})",
+            marks(queues.len())
+        );
+        let n: i64 = conn.query_row(&sql, rusqlite::params_from_iter(queues), |r| r.get(0))?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+}
+
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.close(Duration::from_secs(5));
     }
 }
 
-const COLUMNS: &str = "task_id, name, status, priority, attempts, max_retries, timeout_ms, due_at, \
-    progress, current_step, args, kwargs, not_restartable, result, error, created_at, started_at, finished_at";
+const COLUMNS: &str =
+    "task_id, name, status, priority, attempts, max_retries, timeout_ms, due_at, \
+    progress, current_step, args, kwargs, not_restartable, result, error, created_at, started_at, \
+    finished_at, queue, origin";
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
@@ -489,31 +860,59 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         created_at: r.get(15)?,
         started_at: r.get(16)?,
         finished_at: r.get(17)?,
+        queue: r.get(18)?,
+        origin: r.get(19)?,
     })
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
+fn apply(tx: &rusqlite::Transaction<'_>, cfg: &SharedConfig, op: &Op) -> rusqlite::Result<()> {
     match op {
         Op::Insert(row) => {
+            let queue = if row.queue.is_empty() {
+                DEFAULT_QUEUE
+            } else {
+                &row.queue
+            };
+            let waiting = Status::parse(&row.status).is_some_and(|s| s.is_waiting());
             tx.execute(
-                &format!("INSERT OR REPLACE INTO catzilla_tasks ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
+                &format!("INSERT OR REPLACE INTO catzilla_tasks ({COLUMNS}, rank, waiting) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"),
                 params![
                     row.task_id, row.name, row.status, row.priority, row.attempts, row.max_retries,
                     row.timeout_ms, row.due_at, row.progress, row.current_step, row.args, row.kwargs,
-                    row.not_restartable, row.result, row.error, row.created_at, row.started_at, row.finished_at
+                    row.not_restartable, row.result, row.error, row.created_at, row.started_at, row.finished_at,
+                    queue, row.origin, cfg.rank(row.priority, row.due_at), waiting.then_some(1)
                 ],
             )?;
         }
-        Op::Started { id, attempts, at } => {
+        Op::Started { id, at } => {
             tx.execute(
-                "UPDATE catzilla_tasks SET status = ?4, attempts = ?2, started_at = COALESCE(started_at, ?3) WHERE task_id = ?1",
-                params![id, attempts, at, Status::Running.as_str()],
+                "UPDATE catzilla_tasks SET status = 'running', started_at = COALESCE(started_at, ?2) \
+                 WHERE task_id = ?1 AND owner = ?3",
+                params![id, at, cfg.owner],
             )?;
         }
-        Op::Waiting { id, status } => {
+        Op::Release(ids) => {
+            for id in ids {
+                tx.execute(
+                    "UPDATE catzilla_tasks SET status = 'pending', waiting = 1, owner = NULL, \
+                     lease_until = NULL, attempts = MAX(attempts - 1, 0) \
+                     WHERE task_id = ?1 AND owner = ?2",
+                    params![id, cfg.owner],
+                )?;
+            }
+        }
+        Op::Retry { id, due_at } => {
             tx.execute(
-                "UPDATE catzilla_tasks SET status = ?2 WHERE task_id = ?1",
-                params![id, status.as_str()],
+                "UPDATE catzilla_tasks SET status = 'retrying', waiting = 1, owner = NULL, \
+                 lease_until = NULL, due_at = ?2, rank = ?2 + priority * ?4 \
+                 WHERE task_id = ?1 AND owner = ?3",
+                params![id, due_at, cfg.owner, cfg.starvation.as_secs_f64()],
+            )?;
+        }
+        Op::Told(seq) => {
+            tx.execute(
+                "DELETE FROM catzilla_done WHERE origin = ?1 AND seq <= ?2",
+                params![cfg.owner, seq],
             )?;
         }
         Op::Progress { id, progress, step } => {
@@ -529,18 +928,32 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
             error,
             at,
         } => {
-            tx.execute(
+            let changed = tx.execute(
                 "UPDATE catzilla_tasks SET status = ?2, result = ?3, error = ?4, finished_at = ?5, \
-                 progress = CASE WHEN ?6 THEN 100.0 ELSE progress END, args = NULL, kwargs = NULL \
-                 WHERE task_id = ?1",
-                params![id, status.as_str(), result, error, at, *status == Status::Completed],
+                 progress = CASE WHEN ?6 THEN 100.0 ELSE progress END, args = NULL, kwargs = NULL, \
+                 owner = NULL, lease_until = NULL, waiting = NULL \
+                 WHERE task_id = ?1 AND owner = ?7",
+                params![id, status.as_str(), result, error, at, *status == Status::Completed, cfg.owner],
             )?;
+            if changed == 1 {
+                tell_origin(tx, id, &cfg.owner)?;
+            }
         }
         Op::Delete(id) => {
             tx.execute("DELETE FROM catzilla_tasks WHERE task_id = ?1", params![id])?;
         }
         Op::Flush(_) | Op::Stop => {}
     }
+    Ok(())
+}
+
+/// Tells the process that queued task `id`, if another one did, that it finished.
+fn tell_origin(tx: &rusqlite::Transaction<'_>, id: &str, me: &str) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO catzilla_done (origin, task_id) SELECT origin, task_id FROM catzilla_tasks \
+         WHERE task_id = ?1 AND origin IS NOT NULL AND origin != ?2",
+        params![id, me],
+    )?;
     Ok(())
 }
 
@@ -569,7 +982,7 @@ struct Writer {
     id: FileId,
     health: Arc<Health>,
     on_degraded: OnDegraded,
-    retention: Duration,
+    cfg: SharedConfig,
     next_prune: Instant,
 }
 
@@ -629,7 +1042,7 @@ impl Writer {
         if now < self.next_prune || self.health.degraded.load(Ordering::Relaxed) {
             return;
         }
-        let cutoff = crate::clock::epoch_now() - self.retention.as_secs_f64();
+        let cutoff = crate::clock::epoch_now() - self.cfg.retention.as_secs_f64();
         let pruned = prune(&self.conn, cutoff, PRUNE_BATCH);
         self.next_prune = match pruned {
             Ok(n) if n as i64 >= PRUNE_BATCH => now,
@@ -645,7 +1058,7 @@ impl Writer {
     fn write(&mut self, ops: &[Op]) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         for op in ops {
-            apply(&tx, op)?;
+            apply(&tx, &self.cfg, op)?;
         }
         tx.commit()
     }
@@ -683,8 +1096,8 @@ impl Writer {
 
     fn degrade(&self, problem: String) {
         let reason = format!(
-            "durable storage stopped: {problem}; the engine keeps running in memory \
-             and records nothing more in the store"
+            "the task store stopped: {problem}; no task can be queued or taken from it \
+             until the process restarts on a good store"
         );
         if self.health.degrade(reason.clone()) {
             (self.on_degraded)(&reason);
@@ -726,13 +1139,36 @@ mod tests {
         dir.join("tasks.db").to_string_lossy().into_owned()
     }
 
+    /// A store as process `owner` of host `h` sees it.
+    fn cfg(owner: &str, retention: Duration) -> SharedConfig {
+        SharedConfig {
+            owner: format!("h:{owner}:0"),
+            lease: Duration::from_secs(30),
+            starvation: Duration::from_secs(5),
+            retention,
+        }
+    }
+
+    fn queues(names: &[&str]) -> Vec<String> {
+        names.iter().map(|q| q.to_string()).collect()
+    }
+
+    fn ids(rows: &[Row]) -> Vec<&str> {
+        rows.iter().map(|r| r.task_id.as_str()).collect()
+    }
+
     #[test]
     fn records_updates_and_reads_back() {
         let path = temp_db("basic");
-        let store = SqliteStore::open(&path, KEEP, quiet()).unwrap();
+        let store = SqliteStore::open(&path, cfg("me", KEEP), quiet()).unwrap();
         store.insert(row("a", "pending", 1.0));
-        store.insert(row("b", "scheduled", 2.0));
-        store.started("a".into(), 1, 5.0);
+        store.insert(row("b", "pending", 2.0));
+        assert!(store.flush(Duration::from_secs(5)));
+        assert_eq!(
+            ids(&store.claim(&queues(&["default"]), 5).unwrap()),
+            ["a", "b"]
+        );
+        store.started("a".into(), 5.0);
         store.progress("a".into(), 40.0, Some("parsing".into()));
         store.finished(
             "b".into(),
@@ -748,31 +1184,154 @@ mod tests {
             ("running", 1, 40.0)
         );
         assert_eq!(a.current_step.as_deref(), Some("parsing"));
-        assert_eq!(a.started_at, Some(5.0));
         let b = store.get("b").unwrap().unwrap();
         assert_eq!(b.status, "failed");
         assert_eq!(b.args, None);
-        let open = store
-            .load(&[Status::Pending, Status::Running, Status::Scheduled])
-            .unwrap();
-        assert_eq!(
-            open.iter().map(|r| r.task_id.as_str()).collect::<Vec<_>>(),
-            vec!["a"]
-        );
         let newest = store.list(None, 10).unwrap();
-        assert_eq!(
-            newest
-                .iter()
-                .map(|r| r.task_id.as_str())
-                .collect::<Vec<_>>(),
-            vec!["b", "a"]
-        );
+        assert_eq!(ids(&newest), vec!["b", "a"]);
         assert_eq!(store.list(Some(Status::Failed), 10).unwrap().len(), 1);
         store.close(Duration::from_secs(5));
         // A second store on the same file sees everything.
-        let again = SqliteStore::open(&path, KEEP, quiet()).unwrap();
+        let again = SqliteStore::open(&path, cfg("other", KEEP), quiet()).unwrap();
         assert_eq!(again.get("a").unwrap().unwrap().progress, 40.0);
         assert!(again.failure().is_none());
+    }
+
+    #[test]
+    fn each_task_is_claimed_once_across_processes_in_rank_order() {
+        let path = temp_db("claims");
+        let a = SqliteStore::open(&path, cfg("1", KEEP), quiet()).unwrap();
+        let b = SqliteStore::open(&path, cfg("2", KEEP), quiet()).unwrap();
+        let now = crate::clock::epoch_now();
+        for (id, lane, queue) in [
+            ("low", 3, "default"),
+            ("crit", 0, "default"),
+            ("norm", 2, "default"),
+            ("mail", 0, "emails"),
+        ] {
+            let mut r = row(id, "pending", now);
+            r.priority = lane;
+            r.due_at = now - 1.0;
+            r.queue = queue.into();
+            a.insert(r);
+        }
+        let mut later = row("later", "scheduled", now);
+        later.due_at = now + 3600.0;
+        a.insert(later);
+        // Waited one starvation interval per lane of difference: served first.
+        let mut starved = row("starved", "pending", now - 20.0);
+        starved.priority = 3;
+        starved.due_at = now - 20.0;
+        a.insert(starved);
+        assert!(a.flush(Duration::from_secs(5)));
+        let first = b.claim(&queues(&["default"]), 2).unwrap();
+        assert_eq!(ids(&first), ["starved", "crit"]);
+        let rest = a.claim(&queues(&["default"]), 10).unwrap();
+        assert_eq!(
+            ids(&rest),
+            ["norm", "low"],
+            "nothing twice, nothing not due"
+        );
+        assert!(b.claim(&queues(&["default"]), 10).unwrap().is_empty());
+        assert_eq!(ids(&a.claim(&queues(&["emails"]), 10).unwrap()), ["mail"]);
+        assert_eq!(a.queued(&queues(&["default"])).unwrap(), 1);
+        assert_eq!(first[0].attempts, 1);
+    }
+
+    #[test]
+    fn leases_expire_back_to_the_queue_and_news_reaches_the_origin() {
+        let path = temp_db("leases");
+        let mut short = cfg("1", KEEP);
+        short.lease = Duration::from_millis(50);
+        let dead = SqliteStore::open(&path, short, quiet()).unwrap();
+        let origin = SqliteStore::open(&path, cfg("2", KEEP), quiet()).unwrap();
+        let mut r = row("t", "pending", 1.0);
+        r.due_at = 0.0;
+        r.origin = Some("h:2:0".into());
+        r.max_retries = 1;
+        origin.insert(r);
+        assert!(origin.flush(Duration::from_secs(5)));
+        assert_eq!(dead.claim(&queues(&["default"]), 1).unwrap().len(), 1);
+        // A live lease is never taken.
+        assert_eq!(origin.reap(false).unwrap(), Reaped::default());
+        std::thread::sleep(Duration::from_millis(120));
+        let reaped = origin.reap(false).unwrap();
+        assert_eq!(reaped.requeued, ["t"]);
+        // The second owner runs it and finishes it; the first one's late
+        // acknowledgement changes nothing.
+        let runner = SqliteStore::open(&path, cfg("3", KEEP), quiet()).unwrap();
+        let again = runner.claim(&queues(&["default"]), 1).unwrap();
+        assert_eq!(again[0].attempts, 2);
+        dead.finished("t".into(), Status::Failed, None, None, 2.0);
+        runner.finished("t".into(), Status::Completed, Some("7".into()), None, 3.0);
+        assert!(dead.flush(Duration::from_secs(5)) && runner.flush(Duration::from_secs(5)));
+        let news = origin.finished_elsewhere(Duration::from_secs(2)).unwrap();
+        assert_eq!(ids(&news), ["t"]);
+        assert_eq!(news[0].result.as_deref(), Some("7"));
+        assert!(
+            origin
+                .finished_elsewhere(Duration::from_millis(30))
+                .unwrap()
+                .is_empty(),
+            "told once"
+        );
+    }
+
+    #[test]
+    fn retries_wait_their_due_time_and_spent_retries_fail_on_a_lost_lease() {
+        let path = temp_db("retry");
+        let mut short = cfg("1", KEEP);
+        short.lease = Duration::from_millis(30);
+        let s = SqliteStore::open(&path, short, quiet()).unwrap();
+        let mut r = row("t", "pending", 1.0);
+        r.due_at = 0.0;
+        r.max_retries = 0;
+        s.insert(r);
+        assert!(s.flush(Duration::from_secs(5)));
+        assert_eq!(s.claim(&queues(&["default"]), 1).unwrap().len(), 1);
+        s.retry("t".into(), crate::clock::epoch_now() + 0.2);
+        assert!(s.flush(Duration::from_secs(5)));
+        assert!(
+            s.claim(&queues(&["default"]), 1).unwrap().is_empty(),
+            "not due yet"
+        );
+        let waited = Instant::now();
+        s.wait_for_work(&queues(&["default"]), Duration::from_secs(5));
+        assert!(
+            waited.elapsed() < Duration::from_secs(4),
+            "woke for the due time"
+        );
+        let mut got = Vec::new();
+        while got.is_empty() {
+            got = s.claim(&queues(&["default"]), 1).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(80));
+        let reaped = s.reap(false).unwrap();
+        assert_eq!(reaped.failed, ["t"]);
+        let t = s.get("t").unwrap().unwrap();
+        assert_eq!(t.status, "failed");
+        assert!(t.error.unwrap().contains("WorkerLostError"));
+    }
+
+    #[test]
+    fn handed_back_tasks_wait_again_and_cancel_takes_only_waiting_ones() {
+        let path = temp_db("release");
+        let s = SqliteStore::open(&path, cfg("1", KEEP), quiet()).unwrap();
+        for id in ["a", "b"] {
+            let mut r = row(id, "pending", 1.0);
+            r.due_at = 0.0;
+            s.insert(r);
+        }
+        assert!(s.flush(Duration::from_secs(5)));
+        assert_eq!(s.claim(&queues(&["default"]), 1).unwrap().len(), 1);
+        assert!(!s.cancel_queued("a", "{}").unwrap(), "a is claimed");
+        assert!(s.cancel_queued("b", "{}").unwrap());
+        s.release(vec!["a".into()]);
+        assert!(s.flush(Duration::from_secs(5)));
+        let back = s.claim(&queues(&["default"]), 5).unwrap();
+        assert_eq!(ids(&back), ["a"]);
+        assert_eq!(back[0].attempts, 1, "a hand-back does not count an attempt");
+        assert_eq!(s.get("b").unwrap().unwrap().status, "cancelled");
     }
 
     #[test]
@@ -783,7 +1342,9 @@ mod tests {
             b"this is not a database at all, just text ....................",
         )
         .unwrap();
-        let err = SqliteStore::open(&path, KEEP, quiet()).err().unwrap();
+        let err = SqliteStore::open(&path, cfg("me", KEEP), quiet())
+            .err()
+            .unwrap();
         assert!(
             err.0.contains("not a usable SQLite database") || err.0.contains("cannot"),
             "{err}"
@@ -792,7 +1353,7 @@ mod tests {
 
     #[test]
     fn refuses_unwritable_locations() {
-        let err = SqliteStore::open("/nonexistent-dir/sub/tasks.db", KEEP, quiet())
+        let err = SqliteStore::open("/nonexistent-dir/sub/tasks.db", cfg("me", KEEP), quiet())
             .err()
             .unwrap();
         assert!(err.0.contains("cannot open"), "{err}");
@@ -812,7 +1373,7 @@ mod tests {
     fn a_deleted_file_stops_the_store_once_and_says_why() {
         let path = temp_db("deleted");
         let (hook, told) = telling();
-        let store = SqliteStore::open(&path, KEEP, hook).unwrap();
+        let store = SqliteStore::open(&path, cfg("me", KEEP), hook).unwrap();
         store.insert(row("a", "pending", 1.0));
         assert!(store.flush(Duration::from_secs(5)));
         assert_eq!(store.get("a").unwrap().unwrap().status, "pending");
@@ -837,7 +1398,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let path = temp_db("readonly");
         let (hook, told) = telling();
-        let store = SqliteStore::open(&path, KEEP, hook).unwrap();
+        let store = SqliteStore::open(&path, cfg("me", KEEP), hook).unwrap();
         store.insert(row("a", "pending", 1.0));
         assert!(store.flush(Duration::from_secs(5)));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
@@ -850,8 +1411,8 @@ mod tests {
     #[test]
     fn a_run_is_claimed_once_across_stores_and_schedules_survive_reopening() {
         let path = temp_db("schedules");
-        let a = SqliteStore::open(&path, KEEP, quiet()).unwrap();
-        let b = SqliteStore::open(&path, KEEP, quiet()).unwrap();
+        let a = SqliteStore::open(&path, cfg("me", KEEP), quiet()).unwrap();
+        let b = SqliteStore::open(&path, cfg("me", KEEP), quiet()).unwrap();
         let first = a.open_schedule("beat", "every 5 s", 100.0).unwrap();
         assert_eq!(
             first,
@@ -893,7 +1454,7 @@ mod tests {
     #[test]
     fn pruning_deletes_only_old_finished_rows_and_spares_last_runs() {
         let path = temp_db("prune");
-        let store = SqliteStore::open(&path, KEEP, quiet()).unwrap();
+        let store = SqliteStore::open(&path, cfg("me", KEEP), quiet()).unwrap();
         for (id, status) in [
             ("old-done", "completed"),
             ("old-failed", "failed"),
@@ -914,7 +1475,7 @@ mod tests {
         store.open_schedule("beat", "every 5 s", 0.0).unwrap();
         assert!(store.claim_run("beat", 5.0, "earlier-run", 5.0).unwrap());
         assert!(store.claim_run("beat", 10.0, "last-run", 10.0).unwrap());
-        let conn = open_connection(&path).unwrap();
+        let conn = open_connection(&path, Duration::from_secs(5)).unwrap();
         assert_eq!(prune(&conn, 100.0, 2).unwrap(), 2, "one batch at a time");
         assert_eq!(prune(&conn, 100.0, 100).unwrap(), 2);
         assert_eq!(prune(&conn, 100.0, 100).unwrap(), 0);
@@ -941,10 +1502,10 @@ mod tests {
     #[test]
     fn the_writer_prunes_past_the_retention_and_the_file_reuses_space() {
         let path = temp_db("prune-writer");
-        let store = SqliteStore::open(&path, Duration::ZERO, quiet()).unwrap();
+        let store = SqliteStore::open(&path, cfg("me", Duration::ZERO), quiet()).unwrap();
         let big = "x".repeat(4000);
         let pages = || -> i64 {
-            let conn = open_connection(&path).unwrap();
+            let conn = open_connection(&path, Duration::from_secs(5)).unwrap();
             conn.query_row("PRAGMA page_count", [], |r| r.get(0))
                 .unwrap()
         };
@@ -969,7 +1530,7 @@ mod tests {
         // one round's worth at any time.
         let round = (300 * 4000 / 4096) as i64;
         assert!(sizes.iter().all(|&p| p < 2 * round), "pages {sizes:?}");
-        let conn = open_connection(&path).unwrap();
+        let conn = open_connection(&path, Duration::from_secs(5)).unwrap();
         let mode: i64 = conn
             .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
             .unwrap();

@@ -1,0 +1,6 @@
+"""``python -m catzilla``: the command line of ``catzilla.cli``."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
