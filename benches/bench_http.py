@@ -53,6 +53,12 @@ ORIG_REQUIREMENTS = ("catzilla==0.2.3",)
 UVICORN_REQUIREMENTS = ("starlette", "uvicorn")
 HUEY_REQUIREMENTS = ("huey",)  # bench_storage.py
 APSCHEDULER_REQUIREMENTS = ("apscheduler<4",)  # bench_periodic.py
+# bench_redis.py: each Redis task queue in a venv of its own.
+CELERY_REQUIREMENTS = ("celery[redis]",)
+DRAMATIQ_REQUIREMENTS = ("dramatiq[redis]",)
+ARQ_REQUIREMENTS = ("arq",)
+RQ_REQUIREMENTS = ("rq",)
+HUEY_REDIS_REQUIREMENTS = ("huey", "redis")
 REQUIREMENTS_MARKER = "bench-requirements.txt"
 PIP_TIMEOUT = 900  # seconds for a baseline venv's pip install
 
@@ -62,6 +68,11 @@ BASELINE_VENVS = {
     ".venv-uvicorn": UVICORN_REQUIREMENTS,  # bench_http.py
     ".venv-huey": HUEY_REQUIREMENTS,  # bench_storage.py
     ".venv-apscheduler": APSCHEDULER_REQUIREMENTS,  # bench_periodic.py
+    ".venv-celery": CELERY_REQUIREMENTS,  # bench_redis.py
+    ".venv-dramatiq": DRAMATIQ_REQUIREMENTS,  # bench_redis.py
+    ".venv-arq": ARQ_REQUIREMENTS,  # bench_redis.py
+    ".venv-rq": RQ_REQUIREMENTS,  # bench_redis.py
+    ".venv-huey-redis": HUEY_REDIS_REQUIREMENTS,  # bench_redis.py
 }
 
 SERVER_NAMES = ("ours", "orig", "uvicorn")

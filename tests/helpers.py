@@ -348,3 +348,63 @@ def panic_probe() -> Callable[[str], None]:
         )
     probe: Callable[[str], None] = _panic_probe
     return probe
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A real ``redis-server`` (the Debian package) on 127.0.0.1 at a free
+    port, its data in ``directory``; ``restart`` stops it (saving, with
+    ``appendonly``) and starts it again on the same port and data."""
+
+    def __init__(self, directory: Path, appendonly: bool = False) -> None:
+        self.directory = directory
+        self.appendonly = appendonly
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--dir", str(self.directory), "--save", ""]
+        if self.appendonly:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.answers, what=f"redis-server on port {self.port}")
+
+    def answers(self) -> bool:
+        try:
+            return self.command("PING") == "+PONG"
+        except OSError:
+            return False
+
+    def command(self, *words: str) -> str:
+        """Sends one command; returns the first line of the reply."""
+        import socket
+
+        with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE) as s:
+            parts = [f"*{len(words)}\r\n"] + [f"${len(w.encode())}\r\n{w}\r\n" for w in words]
+            s.sendall("".join(parts).encode())
+            return s.makefile("rb").readline().decode().rstrip("\r\n")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # saves the append-only file, then exits
+            self.proc.wait(DEADLINE)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()

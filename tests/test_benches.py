@@ -4,10 +4,11 @@ the ratios or checks it promises: a broken benchmark fails here at once.
 
 Quick figures mean nothing and are never compared with anything; the figures
 come only from full runs by hand. The baseline venvs (catzilla 0.2.3,
-Starlette/uvicorn, Huey, APScheduler, from PyPI) are made first, once, under a
-deadline of their own, so that a bench's deadline times the bench alone. A run
-that overruns gets SIGABRT first, so that faulthandler prints where each of its
-threads was, and then it and its children are killed.
+Starlette/uvicorn, Huey, APScheduler, Celery, Dramatiq, arq, RQ, from PyPI)
+are made first, once, under a deadline of their own, so that a bench's
+deadline times the bench alone. A run that overruns gets SIGABRT first, so
+that faulthandler prints where each of its threads was, and then it and its
+children are killed.
 """
 
 from __future__ import annotations
@@ -74,6 +75,27 @@ BENCH_SCRIPTS = (
             rf"^  apscheduler\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}x later$",
         ),
         venvs=(".venv-apscheduler",),
+    ),
+    Bench(
+        "bench_redis.py",
+        (
+            rf"^  catzilla \(this project\)\s+{NUM}\s+{NUM}$",
+            *(
+                rf"^  {side}\s+{NUM}\s+{NUM}\s+({NUM}x|n/a)$"
+                for side in ("Celery", "Dramatiq", "arq", "RQ", "Huey")
+            ),
+            rf"^  catzilla/best baseline \(\w+\)\s+({NUM}x|n/a)$",
+        ),
+        venvs=(".venv-celery", ".venv-dramatiq", ".venv-arq", ".venv-rq", ".venv-huey-redis"),
+        needs=("redis-server",),
+    ),
+    Bench(
+        "bench_scaleout.py",
+        (
+            *(rf"^  {storage}\s+{NUM}\s+{NUM}\s+{NUM}x$" for storage in ("sqlite", "redis")),
+            r"^target: two/one >= 1\.7x",
+        ),
+        needs=("redis-server",),
     ),
     Bench(
         "bench_storage.py",

@@ -7,6 +7,8 @@ results, named queues and graceful stops hold across processes."""
 from __future__ import annotations
 
 import importlib
+import itertools
+import shutil
 import signal
 import sys
 import textwrap
@@ -18,9 +20,10 @@ from types import ModuleType
 
 import pytest
 from catzilla.background_tasks import TaskStatus
-from helpers import DEADLINE, ServerProcess, wait_until
+from helpers import DEADLINE, RedisServer, ServerProcess, wait_until
 
 SERVING = "serving queue(s)"
+_prefixes = itertools.count()
 
 JOBS = textwrap.dedent(
     """
@@ -33,6 +36,7 @@ JOBS = textwrap.dedent(
     # workers from the command line.
     app = BackgroundTasks(
         storage={store!r},
+        storage_prefix={prefix!r},
         workers=0,
         lease_timeout=float(os.environ.get("JOBS_LEASE", "30")),
     )
@@ -43,7 +47,8 @@ JOBS = textwrap.dedent(
             f.write(text + "\\n")
 
 
-    def record(n):
+    def record(n, pause=0.0):
+        time.sleep(pause)
         note(f"{{n}} {{os.getpid()}}")
         return n
 
@@ -69,15 +74,28 @@ JOBS = textwrap.dedent(
 )
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the module; each test has a key prefix of its own."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it with apt)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_server").url)
     return f"sqlite:///{tmp_path / 'tasks.db'}"
 
 
 @pytest.fixture
 def jobs(store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     """The app module, imported here as a producer (``workers=0``)."""
-    (tmp_path / "jobs.py").write_text(JOBS.format(store=store_url))
+    prefix = f"t{next(_prefixes)}"
+    (tmp_path / "jobs.py").write_text(JOBS.format(store=store_url, prefix=prefix))
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("jobs", None)
     module = importlib.import_module("jobs")
@@ -110,7 +128,7 @@ def runs(tmp_path: Path) -> list[tuple[str, int]]:
 
 def test_each_task_runs_exactly_once_across_three_worker_processes(jobs, worker, tmp_path):
     workers = [worker("--workers", "2") for _ in range(3)]
-    handles = [jobs.app.add_task(jobs.record, i) for i in range(300)]
+    handles = [jobs.app.add_task(jobs.record, i, 0.005) for i in range(300)]
     for i, h in enumerate(handles):
         assert h.wait(DEADLINE) == i
     done = runs(tmp_path)

@@ -218,6 +218,7 @@ class Engine:
         default_max_retries: int,
         default_timeout_ms: float,
         storage: str | None,
+        storage_prefix: str,
         queues: list[str],
         lease_timeout: float,
         flush_timeout: float,

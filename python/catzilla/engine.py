@@ -145,6 +145,7 @@ class BackgroundTasks(Engine):
         default_max_retries: int = 3,
         default_timeout_ms: float = 30000,
         storage: str | None = None,
+        storage_prefix: str = "catzilla",
         queues: list[str] | None = None,
         lease_timeout: float = 30.0,
     ) -> BackgroundTasks:
@@ -161,6 +162,8 @@ class BackgroundTasks(Engine):
                 "storage='sqlite:///...' or 'redis://...'"
             )
         queue_names = _queue_names(queues)
+        if not isinstance(storage_prefix, str) or not storage_prefix or len(storage_prefix) > 100:
+            raise ValueError(f"storage_prefix must be 1 to 100 characters, got {storage_prefix!r}")
         lease = _non_negative("lease_timeout", lease_timeout)
         if lease < 0.1:
             raise ValueError(f"lease_timeout must be at least 0.1 seconds, got {lease_timeout!r}")
@@ -195,6 +198,7 @@ class BackgroundTasks(Engine):
             default_max_retries=default_max_retries,
             default_timeout_ms=default_timeout_ms,
             storage=url,
+            storage_prefix=storage_prefix,
             queues=queue_names,
             lease_timeout=lease,
             flush_timeout=STORE_FLUSH_TIMEOUT,

@@ -21,6 +21,7 @@ use super::store_queue::StoreQueue;
 use super::task::{Job, KeyMap, Outcome, Status};
 use crate::errors::{describe, Error, Result};
 use crate::interpreter::close_event_loop;
+use crate::store::redis::RedisStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{SharedConfig, SharedStore};
 use crate::tasks::backoff::{Backoff, Rng};
@@ -48,7 +49,7 @@ impl Engine {
     #[pyo3(signature = (*, workers, min_workers, max_workers, queue_size, enable_auto_scaling,
         memory_pool_mb, enable_profiling, result_ttl, retry_backoff_ms, retry_backoff_cap_ms,
         starvation_ms, idle_timeout, default_priority, default_delay_ms, default_max_retries,
-        default_timeout_ms, storage, queues, lease_timeout, flush_timeout))]
+        default_timeout_ms, storage, storage_prefix, queues, lease_timeout, flush_timeout))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -69,6 +70,7 @@ impl Engine {
         default_max_retries: &Bound<'_, PyAny>,
         default_timeout_ms: &Bound<'_, PyAny>,
         storage: Option<String>,
+        storage_prefix: String,
         queues: Vec<String>,
         lease_timeout: &Bound<'_, PyAny>,
         flush_timeout: &Bound<'_, PyAny>,
@@ -103,7 +105,7 @@ impl Engine {
                     starvation,
                     retention: result_ttl,
                 };
-                Some(open_store(py, &url, cfg)?)
+                Some(open_store(py, &url, &storage_prefix, cfg)?)
             }
             None => None,
         };
@@ -797,10 +799,21 @@ fn owner_id(random: u64) -> String {
 }
 
 /// Opens the store a storage URL names (the Python side checked its form).
-fn open_store(py: Python<'_>, url: &str, cfg: SharedConfig) -> Result<Arc<dyn SharedStore>> {
+fn open_store(
+    py: Python<'_>,
+    url: &str,
+    prefix: &str,
+    cfg: SharedConfig,
+) -> Result<Arc<dyn SharedStore>> {
     if let Some(path) = url.strip_prefix("sqlite:///") {
         let store = py
             .detach(|| SqliteStore::open(path, cfg, Box::new(log_degraded)))
+            .map_err(|e| Error::Storage(e.0))?;
+        return Ok(Arc::new(store));
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        let store = py
+            .detach(|| RedisStore::open(url, prefix, cfg, Box::new(log_degraded)))
             .map_err(|e| Error::Storage(e.0))?;
         return Ok(Arc::new(store));
     }

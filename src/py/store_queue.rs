@@ -24,8 +24,9 @@ use crate::tasks::queue::Queue;
 use crate::tasks::scheduler::{Depths, Pop, Rejected};
 
 /// The longest an idle claimer waits before looking again (it wakes early
-/// for new work, or when the next delayed task falls due).
-const IDLE_LOOK: Duration = Duration::from_secs(1);
+/// for new work, or when the next delayed task falls due); also how long a
+/// stop may wait for it.
+const IDLE_LOOK: Duration = Duration::from_millis(250);
 /// After a store error, the claimer waits this long, doubling up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);

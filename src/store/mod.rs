@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::tasks::status::Status;
 
+pub mod redis;
 pub mod sqlite;
 
 /// A full task row.
@@ -101,7 +102,7 @@ pub struct Reaped {
 
 /// The store as a queue shared by processes: claims with leases, hand-backs,
 /// retries, lease expiry, and news of tasks another process finished.
-/// Implemented by [`sqlite::SqliteStore`].
+/// Implemented by [`sqlite::SqliteStore`] and [`redis::RedisStore`].
 pub trait SharedStore: Records {
     fn config(&self) -> &SharedConfig;
     /// Claims up to `max` due tasks of `queues`, lowest rank first, leased

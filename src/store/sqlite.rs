@@ -197,17 +197,22 @@ CREATE INDEX IF NOT EXISTS catzilla_tasks_leases ON catzilla_tasks (lease_until)
 
 /// Adds the queue and lease columns to a file made by an earlier version;
 /// its unfinished tasks (a `running` one's process is gone) wait again.
+/// NOTE: read and altered under one write lock (`BEGIN IMMEDIATE`): two
+/// processes opening a new file at once would otherwise both add them.
 fn add_queue_columns(conn: &Connection, starvation: Duration) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('catzilla_tasks')")?;
-    let known = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    let known = {
+        let mut stmt = tx.prepare("SELECT name FROM pragma_table_info('catzilla_tasks')")?;
+        let names = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        names
+    };
     let missing: Vec<_> = QUEUE_COLUMNS
         .iter()
         .filter(|(name, _)| !known.iter().any(|k| k == name))
         .collect();
     if !missing.is_empty() {
-        let tx = conn.unchecked_transaction()?;
         for (name, kind) in &missing {
             tx.execute_batch(&format!(
                 "ALTER TABLE catzilla_tasks ADD COLUMN {name} {kind}"
@@ -219,8 +224,8 @@ fn add_queue_columns(conn: &Connection, starvation: Duration) -> rusqlite::Resul
              WHERE status IN ('pending', 'scheduled', 'retrying', 'running')",
             [starvation.as_secs_f64()],
         )?;
-        tx.commit()?;
     }
+    tx.commit()?;
     conn.execute_batch(QUEUE_INDEXES)
 }
 
