@@ -17,6 +17,7 @@ app = BackgroundTasks(
     storage=f"redis://{HOST}:{os.environ['BENCH_REDIS_PORT']}/0",
     workers=0,
     enable_auto_scaling=False,
+    queue_size=1_000_000,  # the producer queues a whole batch before any completes
 )
 
 

@@ -138,8 +138,10 @@ impl StoreQueue {
         let mut told = false;
         loop {
             {
+                // NOTE: refills once the buffer is half empty, not after each
+                // take: one claim per task cost Redis a script call per task.
                 let mut st = self.state.lock();
-                while !self.stopped.load(SeqCst) && st.buffer.len() >= self.prefetch {
+                while !self.stopped.load(SeqCst) && st.buffer.len() > self.prefetch / 2 {
                     self.space.wait_for(&mut st, IDLE_LOOK);
                 }
             }

@@ -35,8 +35,9 @@ use super::{
 };
 use crate::tasks::status::Status;
 
-/// Most writes one pipeline carries.
+/// Most writes one pipeline carries, and most records one script call takes.
 const BATCH: usize = 512;
+const GROUP: usize = 128;
 /// Runs kept per schedule.
 const RUNS_KEPT: i64 = 200;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,25 +45,45 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Shared by every script: is `key` a task hash (and not someone else's key)?
-const IS_TASK: &str = "local function is_task(k) return redis.call('TYPE', k).ok == 'hash' \
-    and redis.call('HEXISTS', k, 'task_id') == 1 end\n";
-
-const ENQUEUE: &str = r#"
-local p, id, q, rank, due, now, created = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-local t = p .. ':t:' .. id
-local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('DEL', t)
-redis.call('HSET', t, 'rank', rank, unpack(fields))
-redis.call('ZADD', p .. ':all', created, id)
-if due <= now then
-  redis.call('ZADD', p .. ':q:' .. q, rank, id)
-else
-  redis.call('ZADD', p .. ':d:' .. q, due, id)
+/// Shared by every script: is `k` a task's hash (and not someone else's
+/// key)? And the owner of task hash `k`, or nil (one command each: a key of
+/// another type answers an error, which `pcall` turns into "no").
+const IS_TASK: &str =
+    "local function is_task(k) return redis.pcall('HEXISTS', k, 'task_id') == 1 end
+local function owner_of(k)
+  local o = redis.pcall('HGET', k, 'owner')
+  if type(o) == 'string' and o ~= '' then return o end
+  return nil
 end
-redis.call('LPUSH', p .. ':wake:' .. q, 1)
-redis.call('LTRIM', p .. ':wake:' .. q, 0, 63)
+";
+
+/// Queues tasks: `ARGV[3..]` holds, per task, its id, queue, rank, due
+/// time, creation time, the number of hash fields that follow, and them.
+const ENQUEUE: &str = r#"
+local p, now = ARGV[1], tonumber(ARGV[2])
+local woken = {}
+local i = 3
+while i <= #ARGV do
+  local id, q, rank, due, created, nf = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4], tonumber(ARGV[i + 5])
+  local fields = {}
+  for j = i + 6, i + 5 + nf do fields[#fields + 1] = ARGV[j] end
+  i = i + 6 + nf
+  redis.call('HSET', p .. ':t:' .. id, 'rank', rank, unpack(fields))
+  redis.call('ZADD', p .. ':all', created, id)
+  if due <= now then
+    local qk = p .. ':q:' .. q
+    redis.call('ZADD', qk, rank, id)
+    -- Idle workers wait only while the queue is empty: wake them then.
+    if redis.call('ZCARD', qk) == 1 then woken[q] = true end
+  else
+    redis.call('ZADD', p .. ':d:' .. q, due, id)
+    woken[q] = true
+  end
+end
+for q in pairs(woken) do
+  redis.call('LPUSH', p .. ':wake:' .. q, 1)
+  redis.call('LTRIM', p .. ':wake:' .. q, 0, 63)
+end
 return 1
 "#;
 
@@ -84,27 +105,34 @@ for i = 6, #ARGV do
   for j = 1, #top, 2 do cands[#cands + 1] = {top[j], tonumber(top[j + 1]), q} end
 end
 table.sort(cands, function(a, b) return a[2] < b[2] end)
-local out = {}
+local out, taken, leases, gone = {}, {}, {}, {}
 for k = 1, #cands do
   if #out >= max then break end
   local id, q = cands[k][1], cands[k][3]
-  redis.call('ZREM', p .. ':q:' .. q, id)
+  gone[q] = gone[q] or {}
+  table.insert(gone[q], id)
   local t = p .. ':t:' .. id
   if is_task(t) then
     redis.call('HSET', t, 'owner', owner, 'lease_until', untl)
     redis.call('HINCRBY', t, 'attempts', 1)
-    redis.call('ZADD', p .. ':leases', untl, id)
-    redis.call('SADD', p .. ':own:' .. owner, id)
-    redis.call('SADD', p .. ':owners', owner)
     out[#out + 1] = redis.call('HGETALL', t)
+    taken[#taken + 1] = id
+    leases[#leases + 1] = untl
+    leases[#leases + 1] = id
   end
+end
+for q, ids in pairs(gone) do redis.call('ZREM', p .. ':q:' .. q, unpack(ids)) end
+if #taken > 0 then
+  redis.call('ZADD', p .. ':leases', unpack(leases))
+  redis.call('SADD', p .. ':own:' .. owner, unpack(taken))
+  redis.call('SADD', p .. ':owners', owner)
 end
 return out
 "#;
 
 const STARTED: &str = r#"
 local t = ARGV[1] .. ':t:' .. ARGV[3]
-if not is_task(t) or redis.call('HGET', t, 'owner') ~= ARGV[2] then return 0 end
+if owner_of(t) ~= ARGV[2] then return 0 end
 redis.call('HSET', t, 'status', 'running')
 redis.call('HSETNX', t, 'started_at', ARGV[4])
 return 1
@@ -120,35 +148,50 @@ return 1
 
 /// Tells the origin of task `id` (if another process) that it finished.
 const TELL: &str = r#"
-local function tell(p, t, id, finisher)
-  local origin = redis.call('HGET', t, 'origin')
+local function tell(p, origin, id, finisher)
   if origin and origin ~= finisher then
-    redis.call('RPUSH', p .. ':done:' .. origin, id)
-    redis.call('EXPIRE', p .. ':done:' .. origin, 86400)
+    local key = p .. ':done:' .. origin
+    -- A list nobody reads (its process died) goes after a day.
+    if redis.call('RPUSH', key, id) == 1 then redis.call('EXPIRE', key, 86400) end
   end
 end
 "#;
 
+/// Acknowledges tasks this owner holds: `ARGV[4..]` holds, per task, its
+/// id, status, finish time, whether it completed, whether a result and an
+/// error follow, them, and its start time when the start was not sent.
 const FINISH: &str = r#"
-local p, owner, id, st, at, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
-local t = p .. ':t:' .. id
-if not is_task(t) or redis.call('HGET', t, 'owner') ~= owner then return 0 end
-redis.call('HSET', t, 'status', st, 'finished_at', at)
-if ARGV[7] == '1' then redis.call('HSET', t, 'progress', 100) end
-if ARGV[8] == '1' then redis.call('HSET', t, 'result', ARGV[9]) end
-if ARGV[10] == '1' then redis.call('HSET', t, 'error', ARGV[11]) end
-redis.call('HDEL', t, 'owner', 'lease_until', 'args', 'kwargs')
-redis.call('ZREM', p .. ':leases', id)
-redis.call('SREM', p .. ':own:' .. owner, id)
-redis.call('EXPIRE', t, ttl)
-tell(p, t, id, owner)
-return 1
+local p, owner, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local done = {}
+for i = 4, #ARGV, 9 do
+  local id = ARGV[i]
+  local t = p .. ':t:' .. id
+  local got = redis.pcall('HMGET', t, 'owner', 'origin')
+  if type(got) == 'table' and not got.err and got[1] == owner then
+    -- One HSET: no owner ('') and no lease from here on; the arguments go
+    -- with the hash when it expires.
+    local set = {'status', ARGV[i + 1], 'finished_at', ARGV[i + 2], 'owner', '', 'lease_until', ''}
+    if ARGV[i + 3] == '1' then table.insert(set, 'progress'); table.insert(set, 100) end
+    if ARGV[i + 4] == '1' then table.insert(set, 'result'); table.insert(set, ARGV[i + 5]) end
+    if ARGV[i + 6] == '1' then table.insert(set, 'error'); table.insert(set, ARGV[i + 7]) end
+    if ARGV[i + 8] ~= '' then table.insert(set, 'started_at'); table.insert(set, ARGV[i + 8]) end
+    redis.call('HSET', t, unpack(set))
+    redis.call('EXPIRE', t, ttl)
+    tell(p, got[2], id, owner)
+    done[#done + 1] = id
+  end
+end
+if #done > 0 then
+  redis.call('ZREM', p .. ':leases', unpack(done))
+  redis.call('SREM', p .. ':own:' .. owner, unpack(done))
+end
+return #done
 "#;
 
 const RETRY: &str = r#"
 local p, owner, id, due, w = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local t = p .. ':t:' .. id
-if not is_task(t) or redis.call('HGET', t, 'owner') ~= owner then return 0 end
+if owner_of(t) ~= owner then return 0 end
 local rank = due + (tonumber(redis.call('HGET', t, 'priority')) or 0) * w
 local q = redis.call('HGET', t, 'queue') or 'default'
 redis.call('HSET', t, 'status', 'retrying', 'due_at', due, 'rank', rank)
@@ -166,7 +209,7 @@ local p, owner = ARGV[1], ARGV[2]
 for i = 3, #ARGV do
   local id = ARGV[i]
   local t = p .. ':t:' .. id
-  if is_task(t) and redis.call('HGET', t, 'owner') == owner then
+  if owner_of(t) == owner then
     local q = redis.call('HGET', t, 'queue') or 'default'
     redis.call('HSET', t, 'status', 'pending')
     redis.call('HINCRBY', t, 'attempts', -1)
@@ -186,7 +229,7 @@ local p, owner, untl = ARGV[1], ARGV[2], ARGV[3]
 local own = p .. ':own:' .. owner
 for _, id in ipairs(redis.call('SMEMBERS', own)) do
   local t = p .. ':t:' .. id
-  if is_task(t) and redis.call('HGET', t, 'owner') == owner then
+  if owner_of(t) == owner then
     redis.call('HSET', t, 'lease_until', untl)
     redis.call('ZADD', p .. ':leases', untl, id)
   else
@@ -213,8 +256,8 @@ for _, id in ipairs(lost) do
     seen[id] = true
     redis.call('ZREM', p .. ':leases', id)
     local t = p .. ':t:' .. id
-    if is_task(t) and redis.call('HGET', t, 'owner') then
-      local owner = redis.call('HGET', t, 'owner')
+    local owner = owner_of(t)
+    if owner then
       redis.call('SREM', p .. ':own:' .. owner, id)
       redis.call('HDEL', t, 'owner', 'lease_until')
       local attempts = tonumber(redis.call('HGET', t, 'attempts')) or 0
@@ -233,7 +276,7 @@ for _, id in ipairs(lost) do
         redis.call('HSET', t, 'status', 'failed', 'error', err, 'finished_at', now)
         redis.call('HDEL', t, 'args', 'kwargs')
         redis.call('EXPIRE', t, ttl)
-        tell(p, t, id, '')
+        tell(p, redis.call('HGET', t, 'origin'), id, '')
         failed[#failed + 1] = id
       end
     end
@@ -245,7 +288,7 @@ return {requeued, failed}
 const CANCEL: &str = r#"
 local p, id, err, now, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local t = p .. ':t:' .. id
-if not is_task(t) or redis.call('HGET', t, 'owner') then return 0 end
+if not is_task(t) or owner_of(t) then return 0 end
 local st = redis.call('HGET', t, 'status')
 if st ~= 'pending' and st ~= 'scheduled' and st ~= 'retrying' then return 0 end
 local q = redis.call('HGET', t, 'queue') or 'default'
@@ -274,8 +317,8 @@ return 1
 const READ: &str = r#"
 local out = {}
 for i = 2, #ARGV do
-  local t = ARGV[1] .. ':t:' .. ARGV[i]
-  if is_task(t) then out[#out + 1] = redis.call('HGETALL', t) else out[#out + 1] = {} end
+  local got = redis.pcall('HGETALL', ARGV[1] .. ':t:' .. ARGV[i])
+  if type(got) == 'table' and not got.err then out[#out + 1] = got else out[#out + 1] = {} end
 end
 return out
 "#;
@@ -915,6 +958,24 @@ impl Drop for RedisStore {
     }
 }
 
+/// The start times of the tasks that start and finish within one batch of
+/// writes: their finish records the start too (one script instead of two).
+fn coalesced_starts(ops: &[Op]) -> HashMap<&str, f64> {
+    let finished: std::collections::HashSet<&str> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Finished { id, .. } => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::Started { id, at } if finished.contains(id.as_str()) => Some((id.as_str(), *at)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Loads the scripts the writer sends by SHA in pipelines.
 fn load_scripts(link: &Link, shown: &str, s: &Scripts) -> Result<(), StoreError> {
     link.with(shown, READ_TIMEOUT, |c| {
@@ -1032,12 +1093,80 @@ impl Writer {
     /// (a key under the prefix that is not ours, say) sends the batch again
     /// op by op, skipping the ones that fail.
     fn write(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let starts = coalesced_starts(ops);
         let mut pipe = redis::pipe();
         let mut n = 0;
+        // NOTE: runs of inserts, and of finishes, go as one script call each
+        // (up to GROUP records): a call costs Redis about 12 µs on its own,
+        // more than the commands one record needs.
+        let mut group: Option<(bool, redis::ScriptInvocation<'_>, usize)> = None;
         for op in ops {
-            if self.add(&mut pipe, op) {
-                n += 1;
+            let kind = match op {
+                Op::Insert(_) => Some(true),
+                Op::Finished { .. } => Some(false),
+                _ => None,
+            };
+            if let Some((open_kind, call, size)) = group.take() {
+                if kind == Some(open_kind) && size < GROUP {
+                    group = Some((open_kind, call, size));
+                } else {
+                    pipe.invoke_script(&call);
+                    n += 1;
+                }
             }
+            match (op, kind) {
+                (Op::Insert(row), Some(true)) => {
+                    let (_, call, size) = group.get_or_insert_with(|| {
+                        let mut c = self.scripts.enqueue.prepare_invoke();
+                        c.arg(&self.prefix).arg(crate::clock::epoch_now());
+                        (true, c, 0)
+                    });
+                    self.enqueue_args(call, row);
+                    *size += 1;
+                }
+                (
+                    Op::Finished {
+                        id,
+                        status,
+                        result,
+                        error,
+                        at,
+                    },
+                    Some(false),
+                ) => {
+                    let (_, call, size) = group.get_or_insert_with(|| {
+                        let mut c = self.scripts.finish.prepare_invoke();
+                        c.arg(&self.prefix)
+                            .arg(&self.cfg.owner)
+                            .arg(ttl_secs(&self.cfg));
+                        (false, c, 0)
+                    });
+                    let flag = |b: bool| if b { "1" } else { "0" };
+                    call.arg(id)
+                        .arg(status.as_str())
+                        .arg(*at)
+                        .arg(flag(*status == Status::Completed))
+                        .arg(flag(result.is_some()))
+                        .arg(result.as_deref().unwrap_or(""))
+                        .arg(flag(error.is_some()))
+                        .arg(error.as_deref().unwrap_or(""))
+                        .arg(
+                            starts
+                                .get(id.as_str())
+                                .map_or(String::new(), |t| t.to_string()),
+                        );
+                    *size += 1;
+                }
+                _ => {
+                    if self.add(&mut pipe, op, &starts) {
+                        n += 1;
+                    }
+                }
+            }
+        }
+        if let Some((_, call, _)) = group.take() {
+            pipe.invoke_script(&call);
+            n += 1;
         }
         if n == 0 {
             return Ok(());
@@ -1075,7 +1204,7 @@ impl Writer {
     fn write_one_by_one(&self, ops: &[Op]) -> Result<(), StoreError> {
         for op in ops {
             let mut pipe = redis::pipe();
-            if !self.add(&mut pipe, op) {
+            if !self.add(&mut pipe, op, &HashMap::new()) {
                 continue;
             }
             self.link.with(&self.shown, READ_TIMEOUT, |c| {
@@ -1090,51 +1219,60 @@ impl Writer {
         Ok(())
     }
 
-    /// Adds `op` to the pipeline; false for an op that sends nothing.
-    fn add(&self, pipe: &mut redis::Pipeline, op: &Op) -> bool {
+    /// The arguments of one task for the enqueue script.
+    fn enqueue_args(&self, call: &mut redis::ScriptInvocation<'_>, row: &Row) {
+        let queue = if row.queue.is_empty() {
+            DEFAULT_QUEUE
+        } else {
+            &row.queue
+        };
+        let mut fields: Vec<(&str, String)> = vec![
+            ("task_id", row.task_id.clone()),
+            ("name", row.name.clone()),
+            ("status", row.status.clone()),
+            ("priority", row.priority.to_string()),
+            ("attempts", row.attempts.to_string()),
+            ("max_retries", row.max_retries.to_string()),
+            ("timeout_ms", row.timeout_ms.to_string()),
+            ("due_at", row.due_at.to_string()),
+            ("progress", row.progress.to_string()),
+            ("created_at", row.created_at.to_string()),
+            ("queue", queue.to_string()),
+        ];
+        for (k, v) in [
+            ("args", &row.args),
+            ("kwargs", &row.kwargs),
+            ("origin", &row.origin),
+            ("current_step", &row.current_step),
+        ] {
+            if let Some(v) = v {
+                fields.push((k, v.clone()));
+            }
+        }
+        call.arg(&row.task_id)
+            .arg(queue)
+            .arg(self.cfg.rank(row.priority, row.due_at))
+            .arg(row.due_at)
+            .arg(row.created_at)
+            .arg(fields.len() * 2);
+        for (k, v) in fields {
+            call.arg(k).arg(v);
+        }
+    }
+
+    /// Adds `op` to the pipeline; false for an op that sends nothing (a
+    /// start in `starts`, which its task's finish carries).
+    fn add(&self, pipe: &mut redis::Pipeline, op: &Op, starts: &HashMap<&str, f64>) -> bool {
         let p = &self.prefix;
         let s = &self.scripts;
         match op {
             Op::Insert(row) => {
-                let queue = if row.queue.is_empty() {
-                    DEFAULT_QUEUE
-                } else {
-                    &row.queue
-                };
                 let mut call = s.enqueue.prepare_invoke();
-                call.arg(p)
-                    .arg(&row.task_id)
-                    .arg(queue)
-                    .arg(self.cfg.rank(row.priority, row.due_at))
-                    .arg(row.due_at)
-                    .arg(crate::clock::epoch_now())
-                    .arg(row.created_at);
-                let mut field = |k: &str, v: String| {
-                    call.arg(k).arg(v);
-                };
-                field("task_id", row.task_id.clone());
-                field("name", row.name.clone());
-                field("status", row.status.clone());
-                field("priority", row.priority.to_string());
-                field("attempts", row.attempts.to_string());
-                field("max_retries", row.max_retries.to_string());
-                field("timeout_ms", row.timeout_ms.to_string());
-                field("due_at", row.due_at.to_string());
-                field("progress", row.progress.to_string());
-                field("created_at", row.created_at.to_string());
-                field("queue", queue.to_string());
-                for (k, v) in [
-                    ("args", &row.args),
-                    ("kwargs", &row.kwargs),
-                    ("origin", &row.origin),
-                    ("current_step", &row.current_step),
-                ] {
-                    if let Some(v) = v {
-                        field(k, v.clone());
-                    }
-                }
+                call.arg(p).arg(crate::clock::epoch_now());
+                self.enqueue_args(&mut call, row);
                 pipe.invoke_script(&call);
             }
+            Op::Started { id, .. } if starts.contains_key(id.as_str()) => return false,
             Op::Started { id, at } => {
                 let mut call = s.started.prepare_invoke();
                 call.arg(p).arg(&self.cfg.owner).arg(id).arg(*at);
@@ -1160,15 +1298,20 @@ impl Writer {
                 let mut call = s.finish.prepare_invoke();
                 call.arg(p)
                     .arg(&self.cfg.owner)
+                    .arg(ttl_secs(&self.cfg))
                     .arg(id)
                     .arg(status.as_str())
                     .arg(*at)
-                    .arg(ttl_secs(&self.cfg))
                     .arg(flag(*status == Status::Completed))
                     .arg(flag(result.is_some()))
                     .arg(result.as_deref().unwrap_or(""))
                     .arg(flag(error.is_some()))
-                    .arg(error.as_deref().unwrap_or(""));
+                    .arg(error.as_deref().unwrap_or(""))
+                    .arg(
+                        starts
+                            .get(id.as_str())
+                            .map_or(String::new(), |t| t.to_string()),
+                    );
                 pipe.invoke_script(&call);
             }
             Op::Delete(id) => {
