@@ -289,3 +289,13 @@ def test_sigkill_halfway_loses_nothing(tmp_path, jobs):
     after = rows(db)
     assert len(after) == count
     assert set(after.values()) == {"completed"}
+
+
+def test_a_huge_idle_timeout_on_a_store_still_runs_tasks(tmp_path, jobs):
+    # The worker's wait for a claimed task once overflowed its deadline and
+    # the worker thread died, leaving the task claimed and never run.
+    e = BackgroundTasks(workers=1, storage=url(tmp_path / "t.db"), idle_timeout=1.7e19)
+    try:
+        assert e.add_task(jobs.double, 2).wait(DEADLINE) == {"double": 4}
+    finally:
+        e.shutdown(timeout=5)

@@ -165,8 +165,8 @@ class BackgroundTasks(Engine):
         if not isinstance(storage_prefix, str) or not storage_prefix or len(storage_prefix) > 100:
             raise ValueError(f"storage_prefix must be 1 to 100 characters, got {storage_prefix!r}")
         lease = _non_negative("lease_timeout", lease_timeout)
-        if lease < 0.1:
-            raise ValueError(f"lease_timeout must be at least 0.1 seconds, got {lease_timeout!r}")
+        if lease < 0.3:
+            raise ValueError(f"lease_timeout must be at least 0.3 seconds, got {lease_timeout!r}")
         min_workers = min(_positive_int("min_workers", min_workers, maximum=MAX_WORKERS), workers)
         if max_workers is None:
             max_workers = max(workers, min(64, workers * 2), 1)

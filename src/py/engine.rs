@@ -695,7 +695,8 @@ impl Engine {
             // Another process takes them now; their end here is not recorded.
             q.hand_back(&unfinished);
             handed_back = std::mem::take(&mut running);
-            py.detach(|| q.join());
+            let by = crate::clock::due_after(Instant::now(), Duration::from_secs(2)).max(deadline);
+            py.detach(|| q.join(by));
         }
         if !handed_back.is_empty() {
             rt.log(

@@ -247,16 +247,26 @@ impl Shared {
         in_flight: bool,
         record: bool,
     ) {
-        let (callbacks, call) = job.finish(py, status, outcome);
+        // A task already final (its news came first, say) is not counted,
+        // settled or recorded twice; a worker's slot is still given back.
+        let Some((callbacks, call)) = job.finish(py, status, outcome) else {
+            if in_flight {
+                self.finish_one(py);
+            }
+            return;
+        };
         drop(call);
         if let Some(queue) = &self.store_queue {
             queue.settled(&job);
         }
         if let (Some(store), true) = (&self.store, record) {
-            let at_shutdown =
-                status == Status::Cancelled && self.shutting_down.load(SeqCst) && !in_flight;
+            let at_shutdown = status == Status::Cancelled && self.shutting_down.load(SeqCst);
             if !at_shutdown {
                 self.store_outcome(py, store.as_ref(), &job, status);
+            } else if in_flight {
+                // A coroutine the stopping event loop cancelled: it goes back
+                // to the shared queue for another process, not cancelled there.
+                store.release(vec![job.id()]);
             }
         }
         match status {
@@ -352,23 +362,22 @@ impl Shared {
         let job = Arc::new(TaskState::new(task));
         let replaced = self.shard(key).lock().insert(key, job.clone());
         drop(replaced); // outside the lock: dropping Python objects may run Python
-                        // NOTE: the row goes to the store before the task can start, so the
-                        // store sees its insert before any update.
-        let stored = match (&self.store, row) {
-            (Some(store), Some(mut row)) => {
-                if let Some(why) = store.unavailable() {
-                    let removed = self.shard(key).lock().remove(&key);
-                    drop(removed);
-                    return Err(Error::Storage(format!("cannot queue the task: {why}")));
-                }
-                row.origin = Some(store.config().owner.clone());
-                store.insert(row);
-                Some(store)
+        if let (Some(store), Some(_)) = (&self.store, &row) {
+            if let Some(why) = store.unavailable() {
+                let removed = self.shard(key).lock().remove(&key);
+                drop(removed);
+                return Err(Error::Storage(format!("cannot queue the task: {why}")));
             }
-            _ => None,
-        };
+        }
+        // NOTE: with a store, `push` only admits the task (intake, capacity)
+        // and the row written after it is what queues it: a refused task
+        // never reaches the store, where another process could run it.
         match self.sched.push(job.lane, job.clone(), delay) {
             Ok(all_busy) => {
+                if let (Some(store), Some(mut row)) = (&self.store, row) {
+                    row.origin = Some(store.config().owner.clone());
+                    store.insert(row);
+                }
                 self.counters.submitted.fetch_add(1, SeqCst);
                 self.counters.pending_bytes.fetch_add(footprint, SeqCst);
                 if all_busy {
@@ -381,9 +390,6 @@ impl Shared {
             Err(rejected) => {
                 let removed = self.shard(key).lock().remove(&key);
                 drop(removed);
-                if let Some(store) = stored {
-                    store.delete(job.id());
-                }
                 match rejected {
                     Rejected::Full(item, capacity) => {
                         drop(item);

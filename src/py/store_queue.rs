@@ -114,13 +114,26 @@ impl StoreQueue {
         Ok(())
     }
 
-    /// Joins the claimer and the news thread; call it detached from Python
-    /// (the news thread attaches).
-    pub fn join(&self) {
+    /// Joins the claimer and the news thread, waiting at most until
+    /// `deadline` (a thread still in a store call then ends on its own);
+    /// never the calling thread (a callback on the news thread may be the
+    /// one stopping the engine). Call it detached from Python: the news
+    /// thread attaches. Tasks a claim brought in meanwhile go back.
+    pub fn join(&self, deadline: Instant) {
         let threads = std::mem::take(&mut *self.threads.lock());
+        let me = std::thread::current().id();
         for t in threads {
-            let _ = t.join();
+            if t.thread().id() == me {
+                continue;
+            }
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
+        self.hand_back_buffer();
     }
 
     fn shared(&self) -> Option<Arc<Shared>> {
@@ -146,6 +159,7 @@ impl StoreQueue {
                 }
             }
             if self.stopped.load(SeqCst) {
+                self.hand_back_buffer();
                 return;
             }
             if !self.claiming() {
@@ -199,14 +213,30 @@ impl StoreQueue {
         let shared = self.shared()?;
         let attempts = u32::try_from(row.attempts.saturating_sub(1)).unwrap_or(0);
         if let Some(job) = shared.lookup(&row.task_id) {
-            if job.status().is_final() {
-                // Finished here already (a lease that lapsed meanwhile): say so again.
-                self.store.release(vec![row.task_id]);
-                return None;
+            // Claimed again after this process's own lease lapsed:
+            match job.status() {
+                // running here, or waiting in the buffer: the claim is ours
+                // again, so that attempt's end is accepted; nothing to add.
+                Status::Running => return None,
+                _ if self
+                    .state
+                    .lock()
+                    .buffer
+                    .iter()
+                    .any(|b| Arc::ptr_eq(b, &job)) =>
+                {
+                    return None
+                }
+                // waiting (queued or retried here): run it as usual.
+                s if !s.is_final() => {
+                    job.set_attempts(attempts);
+                    job.set_status(Status::Pending);
+                    return Some(job);
+                }
+                // finished here, but its end was refused (the lease had
+                // lapsed): it runs again (at-least-once), as a fresh task.
+                _ => {}
             }
-            job.set_attempts(attempts);
-            job.set_status(Status::Pending);
-            return Some(job);
         }
         let Some(job) = TaskState::from_row(row.clone(), attempts) else {
             // Not a record of ours (a foreign id): failed once, never claimed again.
@@ -226,6 +256,7 @@ impl StoreQueue {
         };
         let job = Arc::new(job);
         let key = job.key();
+        // (A final record of the same id, if any, is replaced; its handles keep it.)
         let replaced = shared.shard(key).lock().insert(key, job.clone());
         drop(replaced);
         Some(job)
@@ -357,7 +388,7 @@ impl Queue<Job> for StoreQueue {
     }
 
     fn take(&self, idle: Duration) -> Pop<Job> {
-        let deadline = Instant::now() + idle;
+        let deadline = crate::clock::due_after(Instant::now(), idle);
         let mut st = self.state.lock();
         loop {
             if self.stopped.load(SeqCst) {
@@ -412,7 +443,7 @@ impl Queue<Job> for StoreQueue {
     /// Renews this process's leases, and puts back the expired leases of
     /// any process, every third of the lease.
     fn run_clock(&self) {
-        let every = (self.store.config().lease / 3).max(Duration::from_millis(100));
+        let every = self.store.config().lease / 3;
         let mut told = false;
         loop {
             {

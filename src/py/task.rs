@@ -335,15 +335,18 @@ impl TaskState {
     /// Records the final outcome, wakes waiters and hands back the
     /// callbacks to run. Released objects are dropped by the caller, after
     /// the lock is gone, since dropping them may run Python code.
+    /// None when the task was already final (nothing changed).
     pub fn finish(
         &self,
         py: Python<'_>,
         status: Status,
         outcome: Outcome,
-    ) -> (Vec<Py<PyAny>>, Option<Call>) {
+    ) -> Option<(Vec<Py<PyAny>>, Option<Call>)> {
         let mut inner = self.inner.lock();
         if self.status().is_final() {
-            return (Vec::new(), None);
+            drop(inner);
+            drop(outcome); // after the lock: dropping Python objects may run Python
+            return None;
         }
         inner.outcome = outcome;
         let call = inner.call.take();
@@ -357,7 +360,7 @@ impl TaskState {
         self.set_status(status);
         drop(inner);
         self.done.notify_all();
-        (callbacks, call)
+        Some((callbacks, call))
     }
 
     /// The final value (true) or exception (false), once there is one.

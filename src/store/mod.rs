@@ -178,8 +178,6 @@ pub trait Records: Send + Sync {
     fn is_degraded(&self) -> bool;
 
     fn insert(&self, row: Row);
-    /// Forgets a row inserted by mistake (a task the queue then refused).
-    fn delete(&self, id: String);
     fn started(&self, id: String, at: f64);
     fn progress(&self, id: String, progress: f64, step: Option<String>);
     fn finished(

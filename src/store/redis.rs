@@ -68,16 +68,20 @@ while i <= #ARGV do
   local fields = {}
   for j = i + 6, i + 5 + nf do fields[#fields + 1] = ARGV[j] end
   i = i + 6 + nf
-  redis.call('HSET', p .. ':t:' .. id, 'rank', rank, unpack(fields))
-  redis.call('ZADD', p .. ':all', created, id)
-  if due <= now then
-    local qk = p .. ':q:' .. q
-    redis.call('ZADD', qk, rank, id)
-    -- Idle workers wait only while the queue is empty: wake them then.
-    if redis.call('ZCARD', qk) == 1 then woken[q] = true end
-  else
-    redis.call('ZADD', p .. ':d:' .. q, due, id)
-    woken[q] = true
+  local t = p .. ':t:' .. id
+  -- A batch sent again after a lost reply must not queue a task twice.
+  if redis.call('EXISTS', t) == 0 then
+    redis.call('HSET', t, 'rank', rank, unpack(fields))
+    redis.call('ZADD', p .. ':all', created, id)
+    if due <= now then
+      local qk = p .. ':q:' .. q
+      redis.call('ZADD', qk, rank, id)
+      -- Idle workers wait only while the queue is empty: wake them then.
+      if redis.call('ZCARD', qk) == 1 then woken[q] = true end
+    else
+      redis.call('ZADD', p .. ':d:' .. q, due, id)
+      woken[q] = true
+    end
   end
 end
 for q in pairs(woken) do
@@ -263,7 +267,11 @@ for _, id in ipairs(lost) do
       local attempts = tonumber(redis.call('HGET', t, 'attempts')) or 0
       local retries = tonumber(redis.call('HGET', t, 'max_retries')) or 0
       local q = redis.call('HGET', t, 'queue') or 'default'
-      if attempts <= retries then
+      -- Claimed but never started (prefetched by a process that died): its
+      -- claim took no attempt.
+      local started = redis.call('HGET', t, 'status') == 'running'
+      if not started then redis.call('HINCRBY', t, 'attempts', -1) end
+      if attempts <= retries or not started then
         local rank = now + (tonumber(redis.call('HGET', t, 'priority')) or 0) * w
         redis.call('HSET', t, 'status', 'pending', 'due_at', now, 'rank', rank)
         redis.call('ZADD', p .. ':q:' .. q, rank, id)
@@ -297,19 +305,6 @@ redis.call('ZREM', p .. ':d:' .. q, id)
 redis.call('HSET', t, 'status', 'cancelled', 'error', err, 'finished_at', now)
 redis.call('HDEL', t, 'args', 'kwargs')
 redis.call('EXPIRE', t, ttl)
-return 1
-"#;
-
-const DELETE: &str = r#"
-local p, id = ARGV[1], ARGV[2]
-local t = p .. ':t:' .. id
-if is_task(t) then
-  local q = redis.call('HGET', t, 'queue') or 'default'
-  redis.call('ZREM', p .. ':q:' .. q, id)
-  redis.call('ZREM', p .. ':d:' .. q, id)
-end
-redis.call('ZREM', p .. ':all', id)
-redis.call('DEL', t)
 return 1
 "#;
 
@@ -363,7 +358,6 @@ struct Scripts {
     renew: redis::Script,
     reap: redis::Script,
     cancel: redis::Script,
-    delete: redis::Script,
     read: redis::Script,
     open_schedule: redis::Script,
     claim_run: redis::Script,
@@ -383,7 +377,6 @@ impl Scripts {
             renew: s(RENEW),
             reap: s(REAP),
             cancel: s(CANCEL),
-            delete: s(DELETE),
             read: s(READ),
             open_schedule: s(OPEN_SCHEDULE),
             claim_run: s(CLAIM_RUN),
@@ -409,7 +402,6 @@ enum Op {
         error: Option<String>,
         at: f64,
     },
-    Delete(String),
     Release(Vec<String>),
     Retry {
         id: String,
@@ -491,6 +483,8 @@ pub struct RedisStore {
     pid: u32,
     scripts: Arc<Scripts>,
     control: Link,
+    /// Lease upkeep's own connection: a long listing on `control` never delays it.
+    lease: Link,
     work: Link,
     news: Link,
     tx: Sender<Op>,
@@ -546,6 +540,10 @@ impl RedisStore {
             pid: std::process::id(),
             scripts,
             control,
+            lease: Link {
+                client: client()?,
+                conn: Mutex::new(None),
+            },
             work: Link {
                 client: client()?,
                 conn: Mutex::new(None),
@@ -646,10 +644,6 @@ impl Records for RedisStore {
 
     fn insert(&self, row: Row) {
         let _ = self.tx.send(Op::Insert(Box::new(row)));
-    }
-
-    fn delete(&self, id: String) {
-        let _ = self.tx.send(Op::Delete(id));
     }
 
     fn started(&self, id: String, at: f64) {
@@ -852,7 +846,7 @@ impl SharedStore for RedisStore {
             return Ok(());
         }
         let until = crate::clock::epoch_now() + self.cfg.lease.as_secs_f64();
-        self.control(|c| {
+        self.lease.with(&self.shown, READ_TIMEOUT, |c| {
             self.scripts
                 .renew
                 .arg(&self.prefix)
@@ -888,17 +882,18 @@ impl SharedStore for RedisStore {
         } else {
             Vec::new()
         };
-        let (requeued, failed): (Vec<String>, Vec<String>) = self.control(|c| {
-            let mut call = self.scripts.reap.prepare_invoke();
-            call.arg(&self.prefix)
-                .arg(crate::clock::epoch_now())
-                .arg(self.cfg.starvation.as_secs_f64())
-                .arg(ttl_secs(&self.cfg));
-            for d in &dead {
-                call.arg(d);
-            }
-            call.invoke(c)
-        })?;
+        let (requeued, failed): (Vec<String>, Vec<String>) =
+            self.lease.with(&self.shown, READ_TIMEOUT, |c| {
+                let mut call = self.scripts.reap.prepare_invoke();
+                call.arg(&self.prefix)
+                    .arg(crate::clock::epoch_now())
+                    .arg(self.cfg.starvation.as_secs_f64())
+                    .arg(ttl_secs(&self.cfg));
+                for d in &dead {
+                    call.arg(d);
+                }
+                call.invoke(c)
+            })?;
         Ok(Reaped { requeued, failed })
     }
 
@@ -986,7 +981,6 @@ fn load_scripts(link: &Link, shown: &str, s: &Scripts) -> Result<(), StoreError>
             &s.finish,
             &s.retry,
             &s.release,
-            &s.delete,
         ] {
             script.prepare_invoke().load(c)?;
         }
@@ -1312,11 +1306,6 @@ impl Writer {
                             .get(id.as_str())
                             .map_or(String::new(), |t| t.to_string()),
                     );
-                pipe.invoke_script(&call);
-            }
-            Op::Delete(id) => {
-                let mut call = s.delete.prepare_invoke();
-                call.arg(p).arg(id);
                 pipe.invoke_script(&call);
             }
             Op::Release(ids) => {

@@ -44,7 +44,6 @@ enum Op {
         error: Option<String>,
         at: f64,
     },
-    Delete(String),
     Release(Vec<String>),
     Retry {
         id: String,
@@ -114,6 +113,8 @@ pub struct SqliteStore {
     /// Claims, leases and schedules: answers that cannot wait for the
     /// writer's next batch.
     control: Mutex<Option<Connection>>,
+    /// Lease upkeep's own connection: a claim waiting for the write lock never delays it.
+    lease: Mutex<Option<Connection>>,
     /// Looks for news of tasks finished elsewhere, and for new work.
     news: Mutex<Watch>,
     work: Mutex<Watch>,
@@ -155,7 +156,8 @@ CREATE TABLE IF NOT EXISTS catzilla_tasks (
 CREATE TABLE IF NOT EXISTS catzilla_done (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     origin TEXT NOT NULL,
-    task_id TEXT NOT NULL
+    task_id TEXT NOT NULL,
+    at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS catzilla_done_origin ON catzilla_done (origin, seq);
 CREATE INDEX IF NOT EXISTS catzilla_tasks_status ON catzilla_tasks (status);
@@ -316,6 +318,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(writer)),
             health,
             control: Mutex::new(None),
+            lease: Mutex::new(None),
             news: Mutex::new(Watch::default()),
             work: Mutex::new(Watch::default()),
         })
@@ -343,7 +346,15 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
     ) -> Result<R, StoreError> {
-        let mut slot = self.control.lock();
+        self.with_conn(&self.control, f)
+    }
+
+    fn with_conn<R>(
+        &self,
+        slot: &Mutex<Option<Connection>>,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, StoreError> {
+        let mut slot = slot.lock();
         let conn = match slot.as_mut() {
             Some(conn) => conn,
             None => slot.insert(self.reader()?),
@@ -365,10 +376,6 @@ impl Records for SqliteStore {
 
     fn insert(&self, row: Row) {
         let _ = self.tx.send(Op::Insert(Box::new(row)));
-    }
-
-    fn delete(&self, id: String) {
-        let _ = self.tx.send(Op::Delete(id));
     }
 
     fn started(&self, id: String, at: f64) {
@@ -585,9 +592,9 @@ impl SqliteStore {
                 .filter(|o| self.cfg.local_pid(o).is_some_and(pid_is_gone))
                 .collect();
         }
-        let lost: Vec<(String, i64, i64, String)> = {
+        let lost: Vec<(String, i64, i64, String, String)> = {
             let sql = format!(
-                "SELECT task_id, attempts, max_retries, owner FROM catzilla_tasks \
+                "SELECT task_id, attempts, max_retries, owner, status FROM catzilla_tasks \
                  WHERE owner IS NOT NULL AND (lease_until < ?1 OR owner IN ({}))",
                 if owners.is_empty() {
                     "NULL".to_string()
@@ -600,19 +607,28 @@ impl SqliteStore {
             values.extend(owners.iter().map(|o| o.clone().into()));
             let found = stmt
                 .query_map(rusqlite::params_from_iter(values), |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             found
         };
         let mut reaped = Reaped::default();
-        for (id, attempts, max_retries, owner) in &lost {
-            if attempts <= max_retries {
+        for (id, attempts, max_retries, owner, status) in &lost {
+            // Claimed but never started (prefetched by a process that died):
+            // its claim took no attempt.
+            let started = status == Status::Running.as_str();
+            if attempts <= max_retries || !started {
                 reaped.requeued.push(id.clone());
                 tx.execute(
                     "UPDATE catzilla_tasks SET status = 'pending', waiting = 1, owner = NULL, \
-                     lease_until = NULL, due_at = ?2, rank = ?2 + priority * ?3 WHERE task_id = ?1",
-                    params![id, now, self.cfg.starvation.as_secs_f64()],
+                     lease_until = NULL, due_at = ?2, rank = ?2 + priority * ?3, \
+                     attempts = MAX(attempts - ?4, 0) WHERE task_id = ?1",
+                    params![
+                        id,
+                        now,
+                        self.cfg.starvation.as_secs_f64(),
+                        i64::from(!started)
+                    ],
                 )?;
             } else {
                 let error = serde_json::json!({
@@ -711,7 +727,7 @@ impl SharedStore for SqliteStore {
             return Ok(());
         }
         let until = crate::clock::epoch_now() + self.cfg.lease.as_secs_f64();
-        self.with_control(|conn| {
+        self.with_conn(&self.lease, |conn| {
             conn.execute(
                 "UPDATE catzilla_tasks SET lease_until = ?2 WHERE owner = ?1",
                 params![self.cfg.owner, until],
@@ -734,7 +750,7 @@ impl SharedStore for SqliteStore {
         if self.failure().is_some() || self.is_forked() {
             return Ok(Reaped::default());
         }
-        self.with_control(|conn| self.reap_in(conn, dead_here))
+        self.with_conn(&self.lease, |conn| self.reap_in(conn, dead_here))
     }
 
     fn cancel_queued(&self, id: &str, error: &str) -> Result<bool, StoreError> {
@@ -944,20 +960,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, cfg: &SharedConfig, op: &Op) -> rusqlit
                 tell_origin(tx, id, &cfg.owner)?;
             }
         }
-        Op::Delete(id) => {
-            tx.execute("DELETE FROM catzilla_tasks WHERE task_id = ?1", params![id])?;
-        }
         Op::Flush(_) | Op::Stop => {}
     }
     Ok(())
 }
 
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 /// Tells the process that queued task `id`, if another one did, that it finished.
 fn tell_origin(tx: &rusqlite::Transaction<'_>, id: &str, me: &str) -> rusqlite::Result<()> {
     tx.execute(
-        "INSERT INTO catzilla_done (origin, task_id) SELECT origin, task_id FROM catzilla_tasks \
-         WHERE task_id = ?1 AND origin IS NOT NULL AND origin != ?2",
-        params![id, me],
+        "INSERT INTO catzilla_done (origin, task_id, at) SELECT origin, task_id, ?3 \
+         FROM catzilla_tasks WHERE task_id = ?1 AND origin IS NOT NULL AND origin != ?2",
+        params![id, me, crate::clock::epoch_now()],
     )?;
     Ok(())
 }
@@ -1017,8 +1037,22 @@ impl Writer {
             // a file nobody will read again.
             self.check_file();
             if !self.health.degraded.load(Ordering::Relaxed) {
-                if let Err(e) = self.write(&ops) {
-                    self.degrade(format!("writing to {} failed: {e}", self.path));
+                // NOTE: other processes hold the write lock at times; a batch
+                // that found it busy past the busy timeout is tried again
+                // (for about 30 s) before the store is given up.
+                let mut tries = 0;
+                loop {
+                    match self.write(&ops) {
+                        Ok(()) => break,
+                        Err(e) if is_busy(&e) && tries < 5 => {
+                            tries += 1;
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        Err(e) => {
+                            self.degrade(format!("writing to {} failed: {e}", self.path));
+                            break;
+                        }
+                    }
                 }
             }
             let mut stop = false;
@@ -1049,6 +1083,11 @@ impl Writer {
         }
         let cutoff = crate::clock::epoch_now() - self.cfg.retention.as_secs_f64();
         let pruned = prune(&self.conn, cutoff, PRUNE_BATCH);
+        // News no process read within the retention (its origin is gone).
+        let _ = self.conn.execute(
+            "DELETE FROM catzilla_done WHERE at < ?1",
+            params![cutoff.min(crate::clock::epoch_now() - 86_400.0)],
+        );
         self.next_prune = match pruned {
             Ok(n) if n as i64 >= PRUNE_BATCH => now,
             _ => now + PRUNE_INTERVAL,
@@ -1257,6 +1296,8 @@ mod tests {
         origin.insert(r);
         assert!(origin.flush(Duration::from_secs(5)));
         assert_eq!(dead.claim(&queues(&["default"]), 1).unwrap().len(), 1);
+        dead.started("t".into(), 1.0);
+        assert!(dead.flush(Duration::from_secs(5)));
         // A live lease is never taken.
         assert_eq!(origin.reap(false).unwrap(), Reaped::default());
         std::thread::sleep(Duration::from_millis(120));
@@ -1310,12 +1351,34 @@ mod tests {
         while got.is_empty() {
             got = s.claim(&queues(&["default"]), 1).unwrap();
         }
+        s.started("t".into(), 2.0);
+        assert!(s.flush(Duration::from_secs(5)));
         std::thread::sleep(Duration::from_millis(80));
         let reaped = s.reap(false).unwrap();
         assert_eq!(reaped.failed, ["t"]);
         let t = s.get("t").unwrap().unwrap();
         assert_eq!(t.status, "failed");
         assert!(t.error.unwrap().contains("WorkerLostError"));
+    }
+
+    #[test]
+    fn a_lost_claim_that_never_started_takes_no_attempt() {
+        let path = temp_db("prefetched");
+        let mut short = cfg("1", KEEP);
+        short.lease = Duration::from_millis(30);
+        let s = SqliteStore::open(&path, short, quiet()).unwrap();
+        let mut r = row("t", "pending", 1.0);
+        r.due_at = 0.0;
+        r.max_retries = 0;
+        s.insert(r);
+        assert!(s.flush(Duration::from_secs(5)));
+        for _ in 0..3 {
+            assert_eq!(s.claim(&queues(&["default"]), 1).unwrap().len(), 1);
+            std::thread::sleep(Duration::from_millis(60));
+            assert_eq!(s.reap(false).unwrap().requeued, ["t"]);
+        }
+        let t = s.get("t").unwrap().unwrap();
+        assert_eq!((t.status.as_str(), t.attempts), ("pending", 0));
     }
 
     #[test]
