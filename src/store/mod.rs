@@ -126,8 +126,6 @@ pub trait SharedStore: Records {
     /// Tasks this process queued that another process finished since the
     /// last call, waiting up to `timeout` for some. Each is told once.
     fn finished_elsewhere(&self, timeout: Duration) -> Result<Vec<Row>, StoreError>;
-    /// How many tasks wait in each of `queues`, ready or not.
-    fn queued(&self, queues: &[String]) -> Result<usize, StoreError>;
     /// Why new tasks cannot be queued now (the store stopped, or its server
     /// is unreachable), if they cannot.
     fn unavailable(&self) -> Option<String> {

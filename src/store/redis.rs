@@ -930,18 +930,6 @@ impl SharedStore for RedisStore {
             .with(&self.shown, READ_TIMEOUT, |c| self.rows_of(c, &ids))
     }
 
-    fn queued(&self, queues: &[String]) -> Result<usize, StoreError> {
-        self.control(|c| {
-            let mut pipe = redis::pipe();
-            for q in queues {
-                pipe.cmd("ZCARD").arg(self.key(&["q", q]));
-                pipe.cmd("ZCARD").arg(self.key(&["d", q]));
-            }
-            let counts: Vec<usize> = pipe.query(c)?;
-            Ok(counts.into_iter().sum())
-        })
-    }
-
     fn unavailable(&self) -> Option<String> {
         self.health.down.lock().clone()
     }

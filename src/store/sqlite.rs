@@ -838,16 +838,6 @@ impl SharedStore for SqliteStore {
             std::thread::sleep(LOOK_INTERVAL.min(deadline - now));
         }
     }
-
-    fn queued(&self, queues: &[String]) -> Result<usize, StoreError> {
-        let conn = self.reader()?;
-        let sql = format!(
-            "SELECT COUNT(*) FROM catzilla_tasks WHERE waiting = 1 AND queue IN ({})",
-            marks(queues.len())
-        );
-        let n: i64 = conn.query_row(&sql, rusqlite::params_from_iter(queues), |r| r.get(0))?;
-        Ok(usize::try_from(n).unwrap_or(0))
-    }
 }
 
 impl Drop for SqliteStore {
@@ -1278,7 +1268,6 @@ mod tests {
         );
         assert!(b.claim(&queues(&["default"]), 10).unwrap().is_empty());
         assert_eq!(ids(&a.claim(&queues(&["emails"]), 10).unwrap()), ["mail"]);
-        assert_eq!(a.queued(&queues(&["default"])).unwrap(), 1);
         assert_eq!(first[0].attempts, 1);
     }
 
