@@ -160,3 +160,29 @@ def test_a_periodic_schedule_runs_once_per_beat_across_three_processes(
     # One grid for all three: a beat every 0.2 s, not three.
     span = times[-1] - times[0]
     assert len(times) <= span / 0.2 + 3, (len(times), span)
+
+
+def test_a_claim_whose_reply_was_lost_lapses_and_the_task_runs(redis: RedisServer):
+    # Claimed on the server for a live process that never heard of it (the
+    # reply was lost): that process does not renew what it does not hold, so
+    # the lease lapses and the task runs.
+    p = "stray"
+    producer = BackgroundTasks(workers=0, storage=redis.url, storage_prefix=p)
+    worker = BackgroundTasks(workers=1, storage=redis.url, storage_prefix=p, lease_timeout=0.6)
+    try:
+        worker_id = worker.owner_id
+        assert worker_id is not None
+        # Delayed a minute, so the worker cannot claim it the usual way first.
+        h = producer.add_task(square, 9, delay_ms=60_000)
+        assert producer.flush(DEADLINE)
+        redis.command("ZREM", f"{p}:d:default", h.task_id)
+        soon = str(time.time() + 0.6)
+        redis.command("HSET", f"{p}:t:{h.task_id}", "owner", worker_id, "lease_until", soon)
+        redis.command("HSET", f"{p}:t:{h.task_id}", "status", "running", "attempts", "1")
+        redis.command("ZADD", f"{p}:leases", soon, h.task_id)
+        redis.command("SADD", f"{p}:own:{worker_id}", h.task_id)
+        assert h.wait(DEADLINE) == 81
+        assert producer.get_task(h.task_id).attempts == 2
+    finally:
+        worker.shutdown(timeout=DEADLINE)
+        producer.shutdown(timeout=DEADLINE)

@@ -53,6 +53,9 @@ pub struct StoreQueue {
     capacity: usize,
     shared: OnceLock<Weak<Shared>>,
     state: Mutex<State>,
+    /// Ids of the tasks this process claimed and has not let go: the leases
+    /// to renew.
+    held: Mutex<std::collections::HashSet<String>>,
     ready: Condvar,
     space: Condvar,
     closed: AtomicBool,
@@ -79,6 +82,7 @@ impl StoreQueue {
             capacity,
             shared: OnceLock::new(),
             state: Mutex::new(State::default()),
+            held: Mutex::new(std::collections::HashSet::new()),
             ready: Condvar::new(),
             space: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -182,6 +186,9 @@ impl StoreQueue {
                         told = false;
                         log_in_background("warning", "the task store is reachable again".into());
                     }
+                    self.held
+                        .lock()
+                        .extend(rows.iter().map(|r| r.task_id.clone()));
                     let jobs: Vec<Job> = rows.into_iter().filter_map(|r| self.job_of(r)).collect();
                     let mut st = self.state.lock();
                     st.buffer.extend(jobs);
@@ -245,6 +252,7 @@ impl StoreQueue {
                 "message": format!("{:?} is not a catzilla task id; the record was skipped", row.task_id),
                 "traceback": null,
             });
+            self.held.lock().remove(&row.task_id);
             self.store.finished(
                 row.task_id,
                 Status::Failed,
@@ -276,6 +284,12 @@ impl StoreQueue {
     /// Drops the local records of tasks queued by other processes that went
     /// back to the store (they may finish anywhere).
     fn forget(&self, jobs: &[Job]) {
+        {
+            let mut held = self.held.lock();
+            for job in jobs {
+                held.remove(&job.id());
+            }
+        }
         let Some(shared) = self.shared() else { return };
         for job in jobs.iter().filter(|j| !j.local) {
             let removed = shared.shard(job.key()).lock().remove(&job.key());
@@ -283,8 +297,15 @@ impl StoreQueue {
         }
     }
 
-    /// One task this process queued reached its end.
+    /// A task reached its end here: its lease (if held) is let go, and one
+    /// this process queued is no longer awaited.
     pub fn settled(&self, job: &Job) {
+        {
+            let mut held = self.held.lock();
+            if !held.is_empty() {
+                held.remove(&job.id());
+            }
+        }
         if job.local {
             let _ = self
                 .awaiting
@@ -456,7 +477,8 @@ impl Queue<Job> for StoreQueue {
                     return;
                 }
             }
-            let kept = self.store.renew().and_then(|_| self.store.reap(false));
+            let held: Vec<String> = self.held.lock().iter().cloned().collect();
+            let kept = self.store.renew(&held).and_then(|_| self.store.reap(false));
             match kept {
                 Ok(_) => told = false,
                 Err(e) if !told => {

@@ -111,8 +111,9 @@ pub trait SharedStore: Records {
     /// Waits up to `timeout` for new or due work in `queues` (returns early
     /// when some may be there). Never a busy loop.
     fn wait_for_work(&self, queues: &[String], timeout: Duration);
-    /// Renews the leases of every task this process holds.
-    fn renew(&self) -> Result<(), StoreError>;
+    /// Renews the leases of `held`, the tasks this process holds (a claim
+    /// whose reply was lost is not among them, and lapses).
+    fn renew(&self, held: &[String]) -> Result<(), StoreError>;
     /// Hands claimed tasks back to their queue, ready now, their attempt not counted.
     fn release(&self, ids: Vec<String>);
     /// A failed attempt: the task waits in its queue until `due_at`.

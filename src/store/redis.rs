@@ -230,17 +230,33 @@ return 1
 
 const RENEW: &str = r#"
 local p, owner, untl = ARGV[1], ARGV[2], ARGV[3]
-local own = p .. ':own:' .. owner
-for _, id in ipairs(redis.call('SMEMBERS', own)) do
+for i = 4, #ARGV do
+  local id = ARGV[i]
   local t = p .. ':t:' .. id
   if owner_of(t) == owner then
     redis.call('HSET', t, 'lease_until', untl)
     redis.call('ZADD', p .. ':leases', untl, id)
-  else
-    redis.call('SREM', own, id)
   end
 end
 return 1
+"#;
+
+/// News of finished tasks, delivered at least once: ids move from the done
+/// list to a taking list (`ARGV[2]` -> `ARGV[3]`, up to `ARGV[4]` in all),
+/// and the rows of everything in the taking list come back; the caller
+/// trims what it was given on its next call.
+const NEWS: &str = r#"
+local p, done, taking, max = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+while redis.call('LLEN', taking) < max do
+  if not redis.call('LMOVE', done, taking, 'LEFT', 'RIGHT') then break end
+end
+local ids = redis.call('LRANGE', taking, 0, -1)
+local rows = {}
+for _, id in ipairs(ids) do
+  local got = redis.pcall('HGETALL', p .. ':t:' .. id)
+  if type(got) == 'table' and not got.err then rows[#rows + 1] = got else rows[#rows + 1] = {} end
+end
+return {#ids, rows}
 "#;
 
 const REAP: &str = r#"
@@ -359,6 +375,7 @@ struct Scripts {
     reap: redis::Script,
     cancel: redis::Script,
     read: redis::Script,
+    news: redis::Script,
     open_schedule: redis::Script,
     claim_run: redis::Script,
 }
@@ -378,6 +395,7 @@ impl Scripts {
             reap: s(REAP),
             cancel: s(CANCEL),
             read: s(READ),
+            news: s(NEWS),
             open_schedule: s(OPEN_SCHEDULE),
             claim_run: s(CLAIM_RUN),
         }
@@ -490,6 +508,8 @@ pub struct RedisStore {
     tx: Sender<Op>,
     writer: Mutex<Option<JoinHandle<()>>>,
     health: Arc<Health>,
+    /// How many news ids the last `finished_elsewhere` returned (trimmed next call).
+    delivered: Mutex<usize>,
 }
 
 impl RedisStore {
@@ -555,6 +575,7 @@ impl RedisStore {
             tx,
             writer: Mutex::new(Some(writer)),
             health,
+            delivered: Mutex::new(0),
         })
     }
 
@@ -841,19 +862,21 @@ impl SharedStore for RedisStore {
         }
     }
 
-    fn renew(&self) -> Result<(), StoreError> {
-        if self.is_forked() {
+    fn renew(&self, held: &[String]) -> Result<(), StoreError> {
+        if self.is_forked() || held.is_empty() {
             return Ok(());
         }
         let until = crate::clock::epoch_now() + self.cfg.lease.as_secs_f64();
         self.lease.with(&self.shown, READ_TIMEOUT, |c| {
-            self.scripts
-                .renew
-                .arg(&self.prefix)
-                .arg(&self.cfg.owner)
-                .arg(until)
-                .invoke::<i64>(c)
-                .map(|_| ())
+            for ids in held.chunks(1000) {
+                let mut call = self.scripts.renew.prepare_invoke();
+                call.arg(&self.prefix).arg(&self.cfg.owner).arg(until);
+                for id in ids {
+                    call.arg(id);
+                }
+                call.invoke::<i64>(c)?;
+            }
+            Ok(())
         })
     }
 
@@ -912,22 +935,42 @@ impl SharedStore for RedisStore {
         Ok(done == 1)
     }
 
+    /// NOTE: news is delivered at least once (finishing a handle twice is
+    /// harmless): what the last call returned is trimmed only now, so news
+    /// taken by a call that failed midway comes again.
     fn finished_elsewhere(&self, timeout: Duration) -> Result<Vec<Row>, StoreError> {
-        let key = self.key(&["done", &self.cfg.owner]);
+        let done = self.key(&["done", &self.cfg.owner]);
+        let taking = self.key(&["taking", &self.cfg.owner]);
         let wait = timeout.as_secs_f64().max(0.01);
-        let ids: Vec<String> = self.news.with(&self.shown, timeout + READ_TIMEOUT, |c| {
-            let first: Option<(String, String)> =
-                redis::cmd("BLPOP").arg(&key).arg(wait).query(c)?;
-            let Some((_, id)) = first else {
-                return Ok(Vec::new());
-            };
-            let more: Option<Vec<String>> = redis::cmd("LPOP").arg(&key).arg(2000).query(c)?;
-            let mut ids = vec![id];
-            ids.extend(more.unwrap_or_default());
-            Ok(ids)
+        let mut delivered = self.delivered.lock();
+        let (count, rows) = self.news.with(&self.shown, timeout + READ_TIMEOUT, |c| {
+            if *delivered > 0 {
+                redis::cmd("LTRIM")
+                    .arg(&taking)
+                    .arg(*delivered)
+                    .arg(-1)
+                    .query::<()>(c)?;
+                *delivered = 0;
+            }
+            let left: usize = redis::cmd("LLEN").arg(&taking).query(c)?;
+            if left == 0 {
+                let moved: Option<String> = redis::cmd("BLMOVE")
+                    .arg(&done)
+                    .arg(&taking)
+                    .arg("LEFT")
+                    .arg("RIGHT")
+                    .arg(wait)
+                    .query(c)?;
+                if moved.is_none() {
+                    return Ok((0, Value::Nil));
+                }
+            }
+            let mut call = self.scripts.news.prepare_invoke();
+            call.arg(&self.prefix).arg(&done).arg(&taking).arg(2000);
+            call.invoke::<(usize, Value)>(c)
         })?;
-        self.news
-            .with(&self.shown, READ_TIMEOUT, |c| self.rows_of(c, &ids))
+        *delivered = count;
+        Ok(claimed_rows(rows))
     }
 
     fn unavailable(&self) -> Option<String> {

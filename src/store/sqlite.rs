@@ -722,7 +722,9 @@ impl SharedStore for SqliteStore {
         }
     }
 
-    fn renew(&self) -> Result<(), StoreError> {
+    /// (Every lease of this owner: a claim here is one local transaction,
+    /// so none can be held without the process knowing.)
+    fn renew(&self, _held: &[String]) -> Result<(), StoreError> {
         if self.failure().is_some() || self.is_forked() {
             return Ok(());
         }
