@@ -432,15 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=30.0,
         help="seconds for one side, all rounds",
     )
-    parser.add_argument(
-        "--only",
-        default=",".join(SIDE_KEYS),
-        help=f"comma-separated sides to run, in order (default {','.join(SIDE_KEYS)})",
-    )
+    parser.add_choices("--only", SIDE_KEYS, help="sides to run")
     args = parser.parse(argv)
-    keys = [key.strip() for key in args.only.split(",") if key.strip()]
-    if not keys or set(keys) - set(SIDE_KEYS):
-        parser.error(f"--only takes names from {', '.join(SIDE_KEYS)}; got {args.only!r}")
+    keys = args.only
     if args.tasks < 1 or args.rounds < 1 or args.side_timeout <= 0:
         parser.error("need --tasks >= 1, --rounds >= 1 and --side-timeout > 0")
     if shutil.which("redis-server") is None:

@@ -156,15 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_size(
         "--timeout", type=float, full=300.0, quick=30.0, help="seconds for one run, all rounds"
     )
-    parser.add_argument(
-        "--storage",
-        default=",".join(STORAGES),
-        help=f"comma-separated storages, in order (default {','.join(STORAGES)})",
-    )
+    parser.add_choices("--storage", STORAGES, help="storages")
     args = parser.parse(argv)
-    names = [name.strip() for name in args.storage.split(",") if name.strip()]
-    if not names or set(names) - set(STORAGES):
-        parser.error(f"--storage takes names from {', '.join(STORAGES)}; got {args.storage!r}")
+    names = args.storage
     if args.tasks < 1 or args.rounds < 1 or args.timeout <= 0:
         parser.error("need --tasks >= 1, --rounds >= 1 and --timeout > 0")
     if "redis" in names and shutil.which("redis-server") is None:

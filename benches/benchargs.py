@@ -32,6 +32,7 @@ class BenchParser(argparse.ArgumentParser):
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         self._sizes: dict[str, tuple[Any, Any]] = {}
+        self._choices: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.add_argument("--quick", action="store_true", help=QUICK_HELP)
 
     def add_size(
@@ -43,10 +44,27 @@ class BenchParser(argparse.ArgumentParser):
         )
         self._sizes[action.dest] = (full, quick)
 
+    def add_choices(self, flag: str, choices: Sequence[str], *, help: str) -> None:
+        """A comma-separated subset of ``choices``, in the order given (default:
+        all of them); ``parse`` turns it into a list and refuses other names."""
+        action = self.add_argument(
+            flag,
+            default=",".join(choices),
+            help=f"comma-separated {help}, in order (default {','.join(choices)})",
+        )
+        self._choices[action.dest] = (flag, tuple(choices))
+
     def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
-        """``parse_args``, then the sizes not given take their full or quick value."""
+        """``parse_args``, then the sizes not given take their full or quick
+        value, and each ``add_choices`` option becomes a list of names."""
         args = self.parse_args(argv)
         for dest, (full, quick) in self._sizes.items():
             if getattr(args, dest) is None:
                 setattr(args, dest, quick if args.quick else full)
+        for dest, (flag, choices) in self._choices.items():
+            given = getattr(args, dest)
+            names = [name.strip() for name in given.split(",") if name.strip()]
+            if not names or set(names) - set(choices):
+                self.error(f"{flag} takes names from {', '.join(choices)}; got {given!r}")
+            setattr(args, dest, names)
         return args

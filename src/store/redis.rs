@@ -1002,6 +1002,35 @@ fn coalesced_starts(ops: &[Op]) -> HashMap<&str, f64> {
         .collect()
 }
 
+/// The arguments of one acknowledgement for the finish script (nothing for
+/// another op): see `FINISH`.
+fn finish_args(call: &mut redis::ScriptInvocation<'_>, op: &Op, starts: &HashMap<&str, f64>) {
+    let Op::Finished {
+        id,
+        status,
+        result,
+        error,
+        at,
+    } = op
+    else {
+        return;
+    };
+    let flag = |b: bool| if b { "1" } else { "0" };
+    call.arg(id)
+        .arg(status.as_str())
+        .arg(*at)
+        .arg(flag(*status == Status::Completed))
+        .arg(flag(result.is_some()))
+        .arg(result.as_deref().unwrap_or(""))
+        .arg(flag(error.is_some()))
+        .arg(error.as_deref().unwrap_or(""))
+        .arg(
+            starts
+                .get(id.as_str())
+                .map_or(String::new(), |t| t.to_string()),
+        );
+}
+
 /// Loads the scripts the writer sends by SHA in pipelines.
 fn load_scripts(link: &Link, shown: &str, s: &Scripts) -> Result<(), StoreError> {
     link.with(shown, READ_TIMEOUT, |c| {
@@ -1149,16 +1178,7 @@ impl Writer {
                     self.enqueue_args(call, row);
                     *size += 1;
                 }
-                (
-                    Op::Finished {
-                        id,
-                        status,
-                        result,
-                        error,
-                        at,
-                    },
-                    Some(false),
-                ) => {
+                (Op::Finished { .. }, Some(false)) => {
                     let (_, call, size) = group.get_or_insert_with(|| {
                         let mut c = self.scripts.finish.prepare_invoke();
                         c.arg(&self.prefix)
@@ -1166,20 +1186,7 @@ impl Writer {
                             .arg(ttl_secs(&self.cfg));
                         (false, c, 0)
                     });
-                    let flag = |b: bool| if b { "1" } else { "0" };
-                    call.arg(id)
-                        .arg(status.as_str())
-                        .arg(*at)
-                        .arg(flag(*status == Status::Completed))
-                        .arg(flag(result.is_some()))
-                        .arg(result.as_deref().unwrap_or(""))
-                        .arg(flag(error.is_some()))
-                        .arg(error.as_deref().unwrap_or(""))
-                        .arg(
-                            starts
-                                .get(id.as_str())
-                                .map_or(String::new(), |t| t.to_string()),
-                        );
+                    finish_args(call, op, &starts);
                     *size += 1;
                 }
                 _ => {
@@ -1312,31 +1319,10 @@ impl Writer {
                     .arg(step.as_deref().unwrap_or(""));
                 pipe.invoke_script(&call);
             }
-            Op::Finished {
-                id,
-                status,
-                result,
-                error,
-                at,
-            } => {
-                let flag = |b: bool| if b { "1" } else { "0" };
+            Op::Finished { .. } => {
                 let mut call = s.finish.prepare_invoke();
-                call.arg(p)
-                    .arg(&self.cfg.owner)
-                    .arg(ttl_secs(&self.cfg))
-                    .arg(id)
-                    .arg(status.as_str())
-                    .arg(*at)
-                    .arg(flag(*status == Status::Completed))
-                    .arg(flag(result.is_some()))
-                    .arg(result.as_deref().unwrap_or(""))
-                    .arg(flag(error.is_some()))
-                    .arg(error.as_deref().unwrap_or(""))
-                    .arg(
-                        starts
-                            .get(id.as_str())
-                            .map_or(String::new(), |t| t.to_string()),
-                    );
+                call.arg(p).arg(&self.cfg.owner).arg(ttl_secs(&self.cfg));
+                finish_args(&mut call, op, starts);
                 pipe.invoke_script(&call);
             }
             Op::Release(ids) => {
