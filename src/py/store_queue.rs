@@ -481,6 +481,8 @@ impl Queue<Job> for StoreQueue {
             let kept = self.store.renew(&held).and_then(|_| self.store.reap(false));
             match kept {
                 Ok(_) => told = false,
+                // A store that stopped has said why, once.
+                Err(_) if self.store.is_degraded() => {}
                 Err(e) if !told => {
                     told = true;
                     log_in_background("error", format!("cannot renew task leases: {e}"));

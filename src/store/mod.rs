@@ -153,7 +153,7 @@ impl From<rusqlite::Error> for StoreError {
 /// Told once, from the writer thread, why the store stopped taking writes.
 /// It must not wait for anything: closing a store waits for its writer, and
 /// may do so while holding the GIL (a drop path), so it must never attach.
-pub type OnDegraded = Box<dyn Fn(&str) + Send>;
+pub type OnDegraded = Box<dyn Fn(&str) + Send + Sync>;
 
 /// What the store knows of a schedule when it is registered.
 #[derive(Clone, Debug, PartialEq)]

@@ -55,23 +55,65 @@ enum Op {
     Stop,
 }
 
-/// Whether the store still takes writes, and why not once it does not.
-#[derive(Default)]
+/// Whether the store still takes writes, and why not once it does not; it
+/// knows the file opened, so any connection that fails can tell a deleted,
+/// replaced or read-only file from a passing error.
 struct Health {
     degraded: AtomicBool,
     reason: Mutex<Option<String>>,
+    path: String,
+    id: FileId,
+    on_degraded: OnDegraded,
 }
 
 impl Health {
-    /// Records the first failure; returns whether this call recorded it.
-    fn degrade(&self, reason: String) -> bool {
-        let mut r = self.reason.lock();
-        if r.is_some() {
-            return false;
+    /// Records the first failure and tells `on_degraded` once.
+    fn degrade(&self, problem: String) {
+        let reason = format!(
+            "the task store stopped: {problem}; no task can be queued or taken from it \
+             until the process restarts on a good store"
+        );
+        {
+            let mut r = self.reason.lock();
+            if r.is_some() {
+                return;
+            }
+            *r = Some(reason.clone());
+            self.degraded.store(true, Ordering::SeqCst);
         }
-        *r = Some(reason);
-        self.degraded.store(true, Ordering::SeqCst);
-        true
+        (self.on_degraded)(&reason);
+    }
+
+    /// Stops the store if its file was deleted, replaced or made read-only.
+    fn check_file(&self) {
+        if self.degraded.load(Ordering::Relaxed) {
+            return;
+        }
+        let path = &self.path;
+        let problem = match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(format!("the database file {path} was deleted"))
+            }
+            Err(e) => Some(format!("cannot check the database file {path}: {e}")),
+            Ok(m)
+                if FileId {
+                    dev: m.dev(),
+                    ino: m.ino(),
+                } != self.id =>
+            {
+                Some(format!(
+                    "the database file {path} was replaced by another file"
+                ))
+            }
+            Ok(m) if m.permissions().readonly() => Some(format!(
+                "the database file {path} was made read-only (mode {:o})",
+                m.mode() & 0o777
+            )),
+            Ok(_) => None,
+        };
+        if let Some(problem) = problem {
+            self.degrade(problem);
+        }
     }
 }
 
@@ -296,13 +338,16 @@ impl SqliteStore {
             })
             .map_err(|e| StoreError(format!("cannot read {path}: {e}")))?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let health = Arc::new(Health::default());
-        let writer = Writer {
-            conn,
+        let health = Arc::new(Health {
+            degraded: AtomicBool::new(false),
+            reason: Mutex::new(None),
             path: path.to_string(),
             id,
-            health: health.clone(),
             on_degraded,
+        });
+        let writer = Writer {
+            conn,
+            health: health.clone(),
             cfg: cfg.clone(),
             next_prune: Instant::now(),
         };
@@ -355,11 +400,16 @@ impl SqliteStore {
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
     ) -> Result<R, StoreError> {
         let mut slot = slot.lock();
-        let conn = match slot.as_mut() {
-            Some(conn) => conn,
-            None => slot.insert(self.reader()?),
+        let done = match slot.as_mut() {
+            Some(conn) => f(conn).map_err(StoreError::from),
+            None => self.reader().and_then(|conn| Ok(f(slot.insert(conn))?)),
         };
-        Ok(f(conn)?)
+        if done.is_err() {
+            // A deleted or replaced file stops the store with that reason,
+            // told once, not as one error per connection that met it.
+            self.health.check_file();
+        }
+        done
     }
 }
 
@@ -995,10 +1045,7 @@ fn prune(conn: &Connection, cutoff: f64, limit: i64) -> rusqlite::Result<usize> 
 
 struct Writer {
     conn: Connection,
-    path: String,
-    id: FileId,
     health: Arc<Health>,
-    on_degraded: OnDegraded,
     cfg: SharedConfig,
     next_prune: Instant,
 }
@@ -1011,7 +1058,7 @@ impl Writer {
             let first = match rx.recv_timeout(idle_for) {
                 Ok(op) => op,
                 Err(RecvTimeoutError::Timeout) => {
-                    self.check_file();
+                    self.health.check_file();
                     self.prune_if_due();
                     continue;
                 }
@@ -1027,7 +1074,7 @@ impl Writer {
             // NOTE: one stat() per batch (about a microsecond, against tens for
             // a commit) notices a deleted or read-only file before rows go into
             // a file nobody will read again.
-            self.check_file();
+            self.health.check_file();
             if !self.health.degraded.load(Ordering::Relaxed) {
                 // NOTE: other processes hold the write lock at times; a batch
                 // that found it busy past the busy timeout is tried again
@@ -1041,7 +1088,8 @@ impl Writer {
                             std::thread::sleep(Duration::from_millis(200));
                         }
                         Err(e) => {
-                            self.degrade(format!("writing to {} failed: {e}", self.path));
+                            self.health
+                                .degrade(format!("writing to {} failed: {e}", self.health.path));
                             break;
                         }
                     }
@@ -1097,47 +1145,6 @@ impl Writer {
             apply(&tx, &self.cfg, op)?;
         }
         tx.commit()
-    }
-
-    fn check_file(&self) {
-        if self.health.degraded.load(Ordering::Relaxed) {
-            return;
-        }
-        let path = &self.path;
-        let problem = match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Some(format!("the database file {path} was deleted"))
-            }
-            Err(e) => Some(format!("cannot check the database file {path}: {e}")),
-            Ok(m)
-                if FileId {
-                    dev: m.dev(),
-                    ino: m.ino(),
-                } != self.id =>
-            {
-                Some(format!(
-                    "the database file {path} was replaced by another file"
-                ))
-            }
-            Ok(m) if m.permissions().readonly() => Some(format!(
-                "the database file {path} was made read-only (mode {:o})",
-                m.mode() & 0o777
-            )),
-            Ok(_) => None,
-        };
-        if let Some(problem) = problem {
-            self.degrade(problem);
-        }
-    }
-
-    fn degrade(&self, problem: String) {
-        let reason = format!(
-            "the task store stopped: {problem}; no task can be queued or taken from it \
-             until the process restarts on a good store"
-        );
-        if self.health.degrade(reason.clone()) {
-            (self.on_degraded)(&reason);
-        }
     }
 }
 
@@ -1449,6 +1456,22 @@ mod tests {
         assert!(!std::path::Path::new(&path).exists());
         store.insert(row("c", "pending", 3.0));
         assert!(store.flush(Duration::from_secs(5)));
+        assert!(told.try_recv().is_err(), "told only once");
+    }
+
+    #[test]
+    fn a_connection_that_meets_a_deleted_file_stops_the_store_with_that_reason() {
+        let path = temp_db("deleted-lease");
+        let (hook, told) = telling();
+        let store = SqliteStore::open(&path, cfg("me", KEEP), hook).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // Lease upkeep opens its connection first, before the writer's
+        // next look at the file: one reason is told, not two.
+        assert!(store.renew(&[]).is_err());
+        assert!(store.is_degraded(), "stopped by the failing call itself");
+        let reason = told.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(reason.contains("was deleted"), "{reason}");
+        assert_eq!(store.reap(false).unwrap(), Reaped::default());
         assert!(told.try_recv().is_err(), "told only once");
     }
 
