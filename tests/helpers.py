@@ -188,7 +188,8 @@ class ServerProcess:
     def wait_serving(self, timeout: float = 30.0) -> tuple[str, int]:
         """Waits for the ``catzilla serving on http://HOST:PORT`` line."""
         line = self.wait_for(SERVING, timeout)
-        host, _, port = line.split(SERVING, 1)[1].strip().removeprefix("http://").rpartition(":")
+        where = line.split(SERVING, 1)[1].split()[0]  # a supervisor adds "with N process(es)"
+        host, _, port = where.removeprefix("http://").rpartition(":")
         return host, int(port)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = DEADLINE) -> int:

@@ -420,9 +420,11 @@ class Server:
         body_read_timeout: float,
         max_pending_requests: int,
         max_connections: int,
+        access_log: bool = False,
+        forwarded_allow_ips: list[str] = ...,
     ) -> Self: ...
-    def bind(self, host: str, port: int) -> tuple[str, int]:
-        """Binds the socket; raises ``OSError`` (e.g. the port is in use)."""
+    def adopt(self, fd: int) -> None:
+        """Serves on the listening socket ``fd`` (TCP or Unix), which the caller keeps."""
     def serve(self) -> None:
         """Serves until ``request_shutdown``; runs Python signal handlers meanwhile."""
     def request_shutdown(self) -> None:

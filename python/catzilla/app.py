@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
+from . import _sockets
 from ._catzilla import Routes, Server
 from ._signals import StopSignals
+from ._sockets import DEFAULT_BACKLOG
 from .background_tasks import (
     BackgroundTasks,
     EngineStats,
@@ -133,8 +140,27 @@ class Catzilla:
 
     # Serving
 
-    def listen(self, port: int = 8000, host: str = "127.0.0.1") -> None:
+    def listen(
+        self,
+        port: int = 8000,
+        host: str = "127.0.0.1",
+        *,
+        uds: str | None = None,
+        fd: int | None = None,
+        backlog: int = DEFAULT_BACKLOG,
+        access_log: bool = False,
+        forwarded_allow_ips: str | Sequence[str] | None = None,
+    ) -> None:
         """Serves the app until SIGINT or SIGTERM, with the GIL released.
+
+        Listens on ``host:port``, or on the Unix socket ``uds``, or on the
+        already listening socket ``fd`` (inherited, e.g. from systemd; it is
+        closed once the server stops accepting), with
+        ``backlog`` connections queued by the kernel. ``access_log`` logs one
+        line per request to the ``catzilla.access`` logger (to stderr when
+        logging is not configured). ``forwarded_allow_ips`` (addresses,
+        networks, or ``"*"``; a list or a comma-separated string) are the
+        proxies whose ``X-Forwarded-For`` gives ``request.client``.
 
         Prints one line saying where it serves. SIGINT and SIGTERM stop the
         server gracefully, every time: no new connections, in-flight requests
@@ -145,7 +171,45 @@ class Catzilla:
         and any other exception it raises is logged. A signal set to
         ``SIG_IGN`` stays ignored. A second signal while tasks drain stops
         waiting: unfinished tasks are cancelled and reported. A port in use
-        raises ``OSError``."""
+        raises ``OSError`` naming it."""
+        if sum(x is not None for x in (uds, fd)) > 1:
+            raise ValueError("give at most one of uds and fd")
+        if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
+            raise ValueError(f"backlog must be an int >= 1, got {backlog!r}")
+        if fd is not None:
+            sock = _sockets.adopt(fd)
+        elif uds is not None:
+            sock = _sockets.listen_unix(uds, backlog)
+        else:
+            sock = _sockets.listen_tcp(host, port, backlog)
+        try:
+            self._serve(
+                sock,
+                access_log=access_log,
+                forwarded_allow_ips=forwarded_allow_ips,
+                announce=True,
+            )
+        finally:
+            sock.close()
+            if uds is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(uds)
+
+    def _serve(
+        self,
+        sock: socket.socket,
+        *,
+        access_log: bool = False,
+        forwarded_allow_ips: str | Sequence[str] | None = None,
+        announce: bool = True,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        """Serves on the listening ``sock`` until stopped; ``on_ready`` is
+        called once the server is about to accept. ``sock`` is closed once the
+        server has its own copy, so that the server stopping closes the socket
+        (new connections are refused) unless another process shares it."""
+        if access_log:
+            _default_access_handler()
         server = Server(
             routes=self._routes,
             max_body_size=self.max_body_size,
@@ -155,15 +219,22 @@ class Catzilla:
             body_read_timeout=self.body_read_timeout,
             max_pending_requests=self.max_pending_requests,
             max_connections=self.max_connections,
+            access_log=bool(access_log),
+            forwarded_allow_ips=_proxy_list(forwarded_allow_ips),
         )
-        bound_host, bound_port = server.bind(host, port)
+        server.adopt(sock.fileno())
+        where = _sockets.describe(sock)
+        sock.close()
         self._server = server
-        print(f"catzilla serving on http://{bound_host}:{bound_port}", flush=True)
+        if announce:
+            print(f"catzilla serving on {where}", flush=True)
         signals = StopSignals(server.request_shutdown)
         signals.install()
         try:
             if self.tasks is not None and self._engine().config["storage"] is not None:
                 self._engine().recover()
+            if on_ready is not None:
+                on_ready()
             server.serve()
         finally:
             try:
@@ -258,3 +329,29 @@ class Catzilla:
     def list_tasks(self, status: TaskStatus | None = None, limit: int = 100) -> list[TaskInfo]:
         """Retained tasks, newest first, optionally only those with ``status``."""
         return self._engine().list_tasks(status=status, limit=limit)
+
+
+def _proxy_list(value: str | Sequence[str] | None) -> list[str]:
+    """``forwarded_allow_ips`` as a list: a comma-separated string is split."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    items = list(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(
+                f"forwarded_allow_ips must hold str addresses or networks, got {item!r}"
+            )
+    return items
+
+
+def _default_access_handler() -> None:
+    """Access lines go to stderr when the program has not configured logging."""
+    access = logging.getLogger("catzilla.access")
+    if not access.hasHandlers():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access.addHandler(handler)
+    if access.getEffectiveLevel() > logging.INFO:
+        access.setLevel(logging.INFO)

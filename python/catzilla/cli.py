@@ -1,32 +1,47 @@
-"""The ``catzilla`` command line. ``catzilla worker module:app`` runs an app's
-background tasks from its shared store, in one process or in several kept
-running by a supervisor."""
+"""The ``catzilla`` command line.
+
+- ``catzilla run module:app`` serves an app, in one process or in several
+  that share one listening socket, kept running by a supervisor.
+- ``catzilla worker module:app`` runs an app's background tasks from its
+  shared store, in one process or in several.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
 import logging
 import math
 import os
 import queue
 import signal
-import subprocess
+import socket
 import sys
-import time
+import threading
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, NoReturn
 
-from . import engine, recovery
-from ._signals import STOP_SIGNALS, StopSignals
+from . import _sockets, engine, recovery
+from ._signals import StopSignals
 from .app import Catzilla
 from .engine import BackgroundTasks
+from .supervisor import (
+    READY_FD_OPTION,
+    ChildSpec,
+    Supervisor,
+    python_command,
+    tell_ready,
+    watch_sources,
+)
 
 logger = logging.getLogger("catzilla.worker")
+server_logger = logging.getLogger("catzilla.server")
 
-#: The exit code of a mistake in the command line or the target.
+#: The exit code of a mistake in the command line (and of ``worker``'s target).
 EXIT_USAGE = 2
+#: The exit code of ``run`` when the app cannot be loaded or served.
+EXIT_FAILURE = 1
 LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = {
     "debug": logging.DEBUG,
@@ -34,15 +49,6 @@ LOG_LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-#: The first wait before restarting a worker process that exited (seconds);
-#: it doubles with each quick exit, up to the cap.
-RESTART_BACKOFF = 0.5
-RESTART_BACKOFF_CAP = 10.0
-#: A worker process that ran this long before exiting is restarted after the
-#: first wait again (seconds).
-STABLE_AFTER = 30.0
-#: How much longer than ``--grace`` the supervisor waits before SIGKILL (seconds).
-KILL_MARGIN = 5.0
 # NOTE: a signal that lands on one of the engine's threads does not wake the
 # main thread's wait; it runs at the next wake-up, so this bounds its delay.
 TICK = 0.5
@@ -99,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         return _usage_error(str(exc))
     except SystemExit as exc:  # --help has printed what was asked
         return exc.code if isinstance(exc.code, int) else 0
+    logging.basicConfig(level=LOG_LEVELS[args.log_level], format=LOG_FORMAT)
+    if args.command == "run":
+        try:
+            options = _run_options(args)
+        except argparse.ArgumentTypeError as exc:
+            return _usage_error(f"argument TARGET: {exc}", EXIT_FAILURE)
+        return run_command(options)
     options = WorkerOptions(
         target=args.target,
         workers=args.workers,
@@ -108,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         grace=args.grace,
         supervisor_pid=args.supervisor_pid,
     )
-    logging.basicConfig(level=LOG_LEVELS[options.log_level], format=LOG_FORMAT)
     try:
         if options.processes > 1:
             return supervise(options)
@@ -181,9 +193,9 @@ def _drain(tasks: BackgroundTasks, signals: StopSignals, grace: float) -> dict[s
         return tasks.shutdown(wait_for_completion=False, timeout=0)
 
 
-def load_engine(target: Target) -> BackgroundTasks:
-    """Imports ``target`` (the current directory first on ``sys.path``) and
-    returns its engine: a ``Catzilla`` app's ``tasks`` or a ``BackgroundTasks``."""
+def load_target(target: Target) -> Any:
+    """Imports ``target``'s module (the current directory first on
+    ``sys.path``) and returns its attribute; ``UsageError`` says what failed."""
     cwd = os.getcwd()
     if not sys.path or sys.path[0] not in ("", cwd):
         sys.path.insert(0, cwd)
@@ -191,6 +203,10 @@ def load_engine(target: Target) -> BackgroundTasks:
         module = importlib.import_module(target.module)
     except ImportError as exc:
         raise UsageError(f"cannot import module {target.module!r}: {exc}") from None
+    except Exception as exc:
+        raise UsageError(
+            f"importing module {target.module!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
     recovery.register_main_alias(target.module)
     obj: Any = module
     for name in target.attr.split("."):
@@ -200,6 +216,12 @@ def load_engine(target: Target) -> BackgroundTasks:
             raise UsageError(
                 f"{target}: module {target.module!r} has no attribute {target.attr!r}"
             ) from None
+    return obj
+
+
+def load_engine(target: Target) -> BackgroundTasks:
+    """The engine at ``target``: a ``Catzilla`` app's ``tasks`` or a ``BackgroundTasks``."""
+    obj = load_target(target)
     if isinstance(obj, Catzilla):
         if obj.tasks is None:
             raise UsageError(f"{target} has not enabled background tasks")
@@ -220,149 +242,211 @@ def _wait_for_stop(stop: queue.SimpleQueue[None], supervisor_pid: int | None) ->
                 return
 
 
-# The supervisor
-
-
-@dataclass
-class _Slot:
-    """One of the supervisor's worker processes, and when to start it again."""
-
-    proc: subprocess.Popen[bytes] | None = None
-    started: float = 0.0
-    backoff: float = RESTART_BACKOFF
-    restart_at: float | None = None
+# Worker processes under a supervisor
 
 
 def supervise(options: WorkerOptions) -> int:
     """Runs ``options.processes`` worker processes, restarting any that exits,
     until SIGTERM or SIGINT; then stops them (SIGTERM, and SIGKILL after
     ``grace`` + ``KILL_MARGIN`` seconds)."""
-    argv = _child_argv(options)
-    events: queue.SimpleQueue[int] = queue.SimpleQueue()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        events.put(signum)
-
-    previous: dict[int, Any] = {}
-    for signum in (*STOP_SIGNALS, signal.SIGCHLD):
-        if signum in STOP_SIGNALS and signal.getsignal(signum) is signal.SIG_IGN:
-            continue  # an inherited SIG_IGN (a background job) stays ignored
-        previous[signum] = signal.signal(signum, on_signal)
-    slots = [_Slot() for _ in range(options.processes)]
-    try:
-        logger.info("supervising %d worker processes for %s", len(slots), options.target)
-        for slot in slots:
-            _start(slot, argv)
-        code = _keep_running(slots, argv, events)
-        _stop_all(slots, events, options.grace + KILL_MARGIN)
-        return code
-    finally:
-        for slot in slots:
-            if slot.proc is not None and slot.proc.poll() is None:
-                slot.proc.kill()
-                slot.proc.wait()
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def _child_argv(options: WorkerOptions) -> list[str]:
-    argv = [sys.executable, "-m", "catzilla", "worker", str(options.target), "--processes", "1"]
+    argv = python_command("worker", str(options.target), "--processes", "1")
     if options.workers is not None:
         argv += ["--workers", str(options.workers)]
     if options.queues is not None:
         argv += ["--queues", ",".join(options.queues)]
     argv += ["--log-level", options.log_level, "--grace", repr(options.grace)]
-    return [*argv, "--supervisor-pid", str(os.getpid())]
+    argv += ["--supervisor-pid", str(os.getpid())]
+    spec = ChildSpec(argv=argv, kind="worker process", usage_code=EXIT_USAGE)
+    logger.info("supervising %d worker processes for %s", options.processes, options.target)
+    return Supervisor(spec, options.processes, grace=options.grace).run()
 
 
-def _start(slot: _Slot, argv: list[str]) -> None:
-    # NOTE: a process group of its own, so that Ctrl+C at a terminal reaches
-    # the supervisor only; its SIGTERM would otherwise be a second signal
-    # that cuts the worker's drain short.
-    slot.proc = subprocess.Popen(
-        argv, env=dict(os.environ), stdin=subprocess.DEVNULL, process_group=0
-    )
-    slot.started = time.monotonic()
-    slot.restart_at = None
-    logger.info("started worker process %d", slot.proc.pid)
+# Serving: catzilla run
 
 
-def _keep_running(slots: list[_Slot], argv: list[str], events: queue.SimpleQueue[int]) -> int:
-    """Restarts worker processes that exit, until a stop signal (then 0) or a
-    worker exits with a usage error (then 2: the same options would fail again)."""
-    while True:
-        now = time.monotonic()
-        due = [slot.restart_at - now for slot in slots if slot.restart_at is not None]
-        try:
-            signum = events.get(timeout=max(0.0, min([TICK, *due])))
-        except queue.Empty:
-            signum = None
-        if signum is not None and signum in STOP_SIGNALS:
-            logger.info("received %s; stopping the worker processes", signal.Signals(signum).name)
-            return 0
-        now = time.monotonic()
-        for slot in slots:
-            if slot.proc is not None and slot.proc.poll() is not None:
-                if slot.proc.returncode == EXIT_USAGE:
-                    logger.error(
-                        "worker process %d exited with a usage error; stopping", slot.proc.pid
-                    )
-                    return EXIT_USAGE
-                _schedule_restart(slot, now)
-            elif slot.restart_at is not None and slot.restart_at <= now:
-                _start(slot, argv)
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of ``catzilla run``."""
+
+    target: Target
+    host: str
+    port: int
+    uds: str | None
+    processes: int
+    threads: int | None
+    reload: bool
+    log_level: str
+    access_log: bool
+    backlog: int
+    forwarded_allow_ips: list[str] | None
+    grace: float
+    # Set by the supervisor on its children.
+    fd: int | None
+    ready_fd: int | None
+    supervisor_pid: int | None
 
 
-def _schedule_restart(slot: _Slot, now: float) -> None:
-    assert slot.proc is not None
-    uptime = now - slot.started
-    if uptime >= STABLE_AFTER:
-        slot.backoff = RESTART_BACKOFF
-    logger.warning(
-        "worker process %d %s after %.1f s; restarting it in %.1f s",
-        slot.proc.pid,
-        _exit_reason(slot.proc.returncode),
-        uptime,
-        slot.backoff,
-    )
-    slot.proc = None
-    slot.restart_at = now + slot.backoff
-    slot.backoff = min(slot.backoff * 2, RESTART_BACKOFF_CAP)
-
-
-def _stop_all(slots: list[_Slot], events: queue.SimpleQueue[int], timeout: float) -> None:
-    """SIGTERM to every worker process (again on each further signal, which
-    cuts its drain short), then SIGKILL to those alive after ``timeout`` seconds."""
-    live = [slot.proc for slot in slots if slot.proc is not None and slot.proc.poll() is None]
-    for proc in live:
-        proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while live:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        try:
-            if events.get(timeout=min(TICK, left)) in STOP_SIGNALS:
-                logger.warning("second signal: worker processes stop without waiting for tasks")
-                for proc in live:
-                    proc.send_signal(signal.SIGTERM)
-        except queue.Empty:
-            pass
-        live = [proc for proc in live if proc.poll() is None]
-    for proc in live:
-        logger.warning("worker process %d still running after %g s; killing it", proc.pid, timeout)
-        proc.kill()
-    for proc in live:
-        proc.wait()
-
-
-def _exit_reason(code: int) -> str:
-    if code >= 0:
-        return f"exited with code {code}"
+def run_command(options: RunOptions) -> int:
+    """Serves the app in this process, or under a supervisor with
+    ``--processes`` above 1 or ``--reload``."""
     try:
-        return f"was killed by {signal.Signals(-code).name}"
-    except ValueError:
-        return f"was killed by signal {-code}"
+        if options.fd is None and (options.processes > 1 or options.reload):
+            return supervise_servers(options)
+        return serve_here(options)
+    except UsageError as exc:
+        return _usage_error(str(exc), EXIT_FAILURE)
+
+
+def load_app(target: Target) -> Catzilla:
+    """The ``Catzilla`` app at ``target``."""
+    obj = load_target(target)
+    if not isinstance(obj, Catzilla):
+        raise UsageError(f"{target} is a {type(obj).__name__}, not a Catzilla app")
+    return obj
+
+
+def _listen(options: RunOptions) -> socket.socket:
+    try:
+        if options.uds is not None:
+            return _sockets.listen_unix(options.uds, options.backlog)
+        return _sockets.listen_tcp(options.host, options.port, options.backlog)
+    except OSError as exc:
+        raise UsageError(exc.strerror or str(exc)) from None
+
+
+def serve_here(options: RunOptions) -> int:
+    """Imports the app and serves it in this process until SIGTERM or SIGINT,
+    as ``app.listen`` would."""
+    app = load_app(options.target)
+    if options.threads is not None:
+        app.handler_threads = options.threads
+    if options.fd is not None:
+        sock = _sockets.adopt(options.fd)
+    else:
+        sock = _listen(options)
+    if options.supervisor_pid is not None:
+        _stop_when_orphaned(app, options.supervisor_pid)
+    else:
+        _ignore_sighup()
+    try:
+        app._serve(
+            sock,
+            access_log=options.access_log,
+            forwarded_allow_ips=options.forwarded_allow_ips,
+            announce=options.fd is None,
+            on_ready=lambda: tell_ready(options.ready_fd),
+        )
+    finally:
+        sock.close()
+        if options.uds is not None and options.fd is None:
+            _unlink(options.uds)
+    return 0
+
+
+def supervise_servers(options: RunOptions) -> int:
+    """Runs ``options.processes`` server processes, each on its own socket of
+    one ``SO_REUSEPORT`` group (a Unix socket: one socket, shared), which the
+    supervisor binds first and keeps open; see ``Supervisor``."""
+    if options.uds is not None:
+        socks = [_listen(options)]
+    else:
+        try:
+            socks = _sockets.listen_tcp_group(
+                options.host, options.port, options.processes, options.backlog
+            )
+        except OSError as exc:
+            raise UsageError(exc.strerror or str(exc)) from None
+    try:
+        fds = [sock.fileno() for sock in socks]
+        argv = python_command("run", str(options.target))
+        argv += ["--log-level", options.log_level, "--supervisor-pid", str(os.getpid())]
+        if options.threads is not None:
+            argv += ["--threads", str(options.threads)]
+        if options.access_log:
+            argv.append("--access-log")
+        if options.forwarded_allow_ips is not None:
+            argv += ["--forwarded-allow-ips", ",".join(options.forwarded_allow_ips)]
+
+        def per_slot(index: int) -> tuple[list[str], tuple[int, ...]]:
+            fd = fds[index % len(fds)]
+            return ["--fd", str(fd)], (fd,)
+
+        spec = ChildSpec(argv=argv, kind="server process", per_slot=per_slot, wait_ready=True)
+        watch = watch_sources(os.getcwd()) if options.reload else None
+        reloading = f"; reloading on changes under {os.getcwd()}" if watch else ""
+        where = _sockets.describe(socks[0])
+
+        def announce() -> None:
+            print(
+                f"catzilla serving on {where} with {options.processes} process(es){reloading}",
+                flush=True,
+            )
+
+        supervisor = Supervisor(
+            spec, options.processes, grace=options.grace, watch=watch, on_ready=announce
+        )
+        return supervisor.run()
+    finally:
+        for sock in socks:
+            sock.close()
+        if options.uds is not None:
+            _unlink(options.uds)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _stop_when_orphaned(app: Catzilla, supervisor_pid: int) -> None:
+    """Stops serving once the supervisor is gone (its children are reparented)."""
+
+    def watch() -> None:
+        while os.getppid() == supervisor_pid:
+            if threading.main_thread().is_alive() is False:
+                return
+            threading.Event().wait(TICK)
+        server_logger.warning("the supervisor (pid %d) is gone; stopping", supervisor_pid)
+        app.stop()
+
+    threading.Thread(target=watch, name="catzilla-orphan", daemon=True).start()
+
+
+def _ignore_sighup() -> None:
+    """One process has nothing to replace on SIGHUP: say so, and keep serving."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:
+        return
+
+    def on_sighup(signum: int, frame: Any) -> None:
+        server_logger.warning(
+            "SIGHUP ignored: a rolling restart needs a supervisor (--processes 2 or more)"
+        )
+
+    signal.signal(signal.SIGHUP, on_sighup)
+
+
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        target=_target(args.target),
+        host=args.host,
+        port=args.port,
+        uds=args.uds,
+        processes=args.processes,
+        threads=args.threads,
+        reload=args.reload,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        backlog=args.backlog,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        grace=args.grace,
+        fd=args.fd,
+        ready_fd=args.ready_fd,
+        supervisor_pid=args.supervisor_pid,
+    )
 
 
 # The command line
@@ -378,6 +462,57 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="catzilla", description="The catzilla command line.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run",
+        help="serve an app",
+        description="Serves the Catzilla app at TARGET, as app.listen() would: in this "
+        "process, or with --processes N in N processes sharing one socket, kept running "
+        "by a supervisor. SIGTERM/SIGINT stop gracefully; SIGHUP replaces the processes "
+        "one by one.",
+    )
+    # NOTE: a TARGET that does not parse is checked after the command line,
+    # with the import: exit code 1, as for a module that cannot be imported.
+    run.add_argument("target", metavar="TARGET", help="module:attr (attr defaults to app)")
+    run.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    run.add_argument("--port", type=_port, default=8000, help="port to listen on (8000)")
+    run.add_argument("--uds", metavar="PATH", help="listen on this Unix socket instead")
+    run.add_argument(
+        "--processes", type=_count, default=1, metavar="N", help="server processes (default: 1)"
+    )
+    run.add_argument(
+        "--threads", type=_count, metavar="N", help="handler threads per process (the app's)"
+    )
+    run.add_argument(
+        "--reload", action="store_true", help="restart when a .py file changes (development)"
+    )
+    run.add_argument("--log-level", choices=tuple(LOG_LEVELS), default="info")
+    run.add_argument(
+        "--access-log", action="store_true", help="log one line per request (catzilla.access)"
+    )
+    run.add_argument(
+        "--backlog",
+        type=_count,
+        default=_sockets.DEFAULT_BACKLOG,
+        metavar="N",
+        help=f"connections the kernel queues (default: {_sockets.DEFAULT_BACKLOG})",
+    )
+    run.add_argument(
+        "--forwarded-allow-ips",
+        type=_proxies,
+        metavar="IPS",
+        help="comma-separated proxy addresses or networks, or *, whose X-Forwarded-For "
+        "gives request.client (default: none)",
+    )
+    run.add_argument(
+        "--grace",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a stopping process gets before it is killed (default: 30)",
+    )
+    run.add_argument("--fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument(READY_FD_OPTION, dest="ready_fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     worker = commands.add_parser(
         "worker",
         help="run an app's background tasks from its shared store",
@@ -436,6 +571,30 @@ def _count(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {text!r}")
+    return value
+
+
+def _proxies(text: str) -> list[str]:
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    for entry in entries:
+        if entry == "*":
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{entry!r} is not an IP address, a network (10.0.0.0/8) or *"
+            ) from None
+    return entries
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -453,6 +612,6 @@ def _queues(text: str) -> list[str]:
     return names
 
 
-def _usage_error(message: str) -> int:
+def _usage_error(message: str, code: int = EXIT_USAGE) -> int:
     print(f"catzilla: error: {' '.join(message.splitlines())}", file=sys.stderr)
-    return EXIT_USAGE
+    return code

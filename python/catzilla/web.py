@@ -36,6 +36,17 @@ logger = logging.getLogger("catzilla.http")
 
 _report = reporter(logger)
 
+access_logger = logging.getLogger("catzilla.access")
+
+
+def _access(lines: list[str], dropped: int) -> None:
+    """Logs a batch of access log lines (called by the server's log thread)."""
+    if dropped:
+        access_logger.warning("the access log fell behind: %d line(s) were not logged", dropped)
+    if access_logger.isEnabledFor(logging.INFO):
+        for line in lines:
+            access_logger.info("%s", line)
+
 
 _init_http(
     {
@@ -44,6 +55,7 @@ _init_http(
         "HTTPError": HTTPError,
         "report": _report,
         "EventLoopThread": _aio.EventLoopThread,
+        "access": _access,
     }
 )
 

@@ -1,5 +1,7 @@
 //! The web layer: hyper 1 on tokio for I/O, Python handlers on their own threads.
 
+pub mod access;
+pub mod forwarded;
 pub mod json;
 pub mod request;
 pub mod response;
@@ -20,6 +22,8 @@ pub struct HttpRuntime {
     pub http_error: Py<PyAny>,
     pub report: Py<PyAny>,
     pub event_loop: Py<PyAny>,
+    /// `access(lines, dropped)`: logs a batch of access log lines.
+    pub access: Py<PyAny>,
 }
 
 static HTTP_RUNTIME: PyOnceLock<HttpRuntime> = PyOnceLock::new();
@@ -42,6 +46,7 @@ pub fn _init_http(spec: &Bound<'_, PyDict>) -> PyResult<()> {
         http_error: get("HTTPError")?,
         report: get("report")?,
         event_loop: get("EventLoopThread")?,
+        access: get("access")?,
     };
     let _ = HTTP_RUNTIME.set(spec.py(), rt);
     Ok(())

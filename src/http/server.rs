@@ -6,7 +6,11 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::atomic::{
+    AtomicBool,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,13 +21,16 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use parking_lot::{Condvar, Mutex};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use tokio::sync::{oneshot, watch};
+use tokio_util::task::TaskTracker;
 
+use super::access::AccessLog;
+use super::forwarded::TrustedProxies;
 use super::http_runtime;
 use super::request::Request;
 use super::response::{error_response, to_http, HttpResponse};
@@ -43,7 +50,7 @@ struct Job {
     params: Vec<(String, String)>,
     parts: http::request::Parts,
     body: Bytes,
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
     reply: ReplySlot,
 }
 
@@ -69,6 +76,46 @@ struct Shared {
     body_timeout: Duration,
     aio: Mutex<Option<Py<PyAny>>>,
     aio_closed: AtomicBool,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    trusted: TrustedProxies,
+    access: Option<AccessLog>,
+}
+
+/// The listening socket, as adopted and as served.
+enum StdListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    fn from_std(listener: StdListener) -> std::io::Result<Self> {
+        Ok(match listener {
+            StdListener::Tcp(l) => Self::Tcp(tokio::net::TcpListener::from_std(l)?),
+            StdListener::Unix(l) => Self::Unix(tokio::net::UnixListener::from_std(l)?),
+        })
+    }
+
+    /// The next connection; a Unix socket's peer has no address.
+    async fn accept(&self) -> std::io::Result<(Conn, Option<SocketAddr>)> {
+        match self {
+            Self::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok((Conn::Tcp(stream), Some(peer)))
+            }
+            Self::Unix(l) => Ok((Conn::Unix(l.accept().await?.0), None)),
+        }
+    }
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
 }
 
 #[derive(Default)]
@@ -106,7 +153,7 @@ pub struct Server {
     handler_threads: usize,
     io_threads: usize,
     header_timeout: Duration,
-    listener: Mutex<Option<std::net::TcpListener>>,
+    listener: Mutex<Option<StdListener>>,
     running: Mutex<Option<Running>>,
     stop_requested: Arc<Flag>,
     stopped: AtomicBool,
@@ -115,7 +162,7 @@ pub struct Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout, body_read_timeout, max_pending_requests, max_connections))]
+    #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout, body_read_timeout, max_pending_requests, max_connections, access_log=false, forwarded_allow_ips=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -127,7 +174,20 @@ impl Server {
         body_read_timeout: f64,
         max_pending_requests: usize,
         max_connections: usize,
+        access_log: bool,
+        forwarded_allow_ips: Vec<String>,
     ) -> PyResult<Self> {
+        let trusted = TrustedProxies::parse(&forwarded_allow_ips)
+            .map_err(|e| PyValueError::new_err(format!("forwarded_allow_ips: {e}")))?;
+        let access = if access_log {
+            let sink = http_runtime(py)?.access.clone_ref(py);
+            let log = AccessLog::start(sink).map_err(|e| {
+                PyRuntimeError::new_err(format!("cannot start the access log thread: {e}"))
+            })?;
+            Some(log)
+        } else {
+            None
+        };
         let header_timeout = Duration::try_from_secs_f64(header_read_timeout).map_err(|_| {
             PyValueError::new_err("header_read_timeout must be a number of seconds >= 0")
         })?;
@@ -156,6 +216,8 @@ impl Server {
                 body_timeout,
                 aio: Mutex::new(None),
                 aio_closed: AtomicBool::new(false),
+                trusted,
+                access,
             }),
             handler_threads,
             io_threads,
@@ -167,22 +229,46 @@ impl Server {
         })
     }
 
-    /// Binds the listening socket; returns the (host, port) bound.
-    fn bind(&self, host: &str, port: u16) -> PyResult<(String, u16)> {
-        let listener = listen_on(host, port).map_err(|e| {
-            PyOSError::new_err((
-                e.raw_os_error().unwrap_or(0),
-                format!("cannot listen on {host}:{port}: {e}"),
-            ))
-        })?;
-        listener
+    /// Serves on a listening socket (TCP or Unix) that the caller made and
+    /// keeps: the server works on its own duplicate of `fd`.
+    fn adopt(&self, fd: RawFd) -> PyResult<()> {
+        let bad = |what: &str, e: std::io::Error| {
+            PyOSError::new_err((e.raw_os_error().unwrap_or(0), format!("{what}: {e}")))
+        };
+        if fd < 0 {
+            return Err(PyValueError::new_err(format!(
+                "fd must be an open socket's descriptor, got {fd}"
+            )));
+        }
+        // SAFETY: `fd` is open for the duration of this call (the caller holds
+        // it); only a duplicate, owned here, outlives the call.
+        let owned = unsafe { BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .map_err(|e| bad(&format!("cannot use descriptor {fd}"), e))?;
+        let socket = socket2::Socket::from(owned);
+        let listening = socket
+            .is_listener()
+            .map_err(|e| bad(&format!("descriptor {fd} is not a socket"), e))?;
+        if !listening {
+            return Err(PyValueError::new_err(format!(
+                "descriptor {fd} is not a listening socket"
+            )));
+        }
+        socket
             .set_nonblocking(true)
-            .map_err(|e| PyOSError::new_err(format!("cannot configure the socket: {e}")))?;
-        let addr = listener
+            .map_err(|e| bad("cannot configure the socket", e))?;
+        let addr = socket
             .local_addr()
-            .map_err(|e| PyOSError::new_err(format!("cannot read the bound address: {e}")))?;
+            .map_err(|e| bad("cannot read the bound address", e))?;
+        let listener = if addr.is_unix() {
+            StdListener::Unix(std::os::unix::net::UnixListener::from(
+                std::os::fd::OwnedFd::from(socket),
+            ))
+        } else {
+            StdListener::Tcp(socket.into())
+        };
         *self.listener.lock() = Some(listener);
-        Ok((addr.ip().to_string(), addr.port()))
+        Ok(())
     }
 
     /// Serves until `request_shutdown` is called, with the GIL released. Runs
@@ -238,6 +324,9 @@ impl Server {
             }
             runtime.shutdown_timeout(Duration::from_secs(1));
         });
+        if let Some(access) = &self.shared.access {
+            py.detach(|| access.close(Duration::from_secs(2)));
+        }
         let aio = close_event_loop(&self.shared.aio, &self.shared.aio_closed);
         if let Some(aio) = aio {
             aio.bind(py).call_method1("stop", (1.0,))?;
@@ -274,9 +363,7 @@ impl Server {
         let shared = self.shared.clone();
         let header_timeout = self.header_timeout;
         let done = drained.clone();
-        let std_listener = listener;
-        let accept =
-            runtime.block_on(async move { tokio::net::TcpListener::from_std(std_listener) });
+        let accept = runtime.block_on(async move { Listener::from_std(listener) });
         let listener =
             accept.map_err(|e| PyOSError::new_err(format!("cannot register the socket: {e}")))?;
         runtime.spawn(async move {
@@ -306,12 +393,16 @@ impl Drop for Server {
 }
 
 async fn accept_loop(
-    listener: tokio::net::TcpListener,
+    listener: Listener,
     shared: Arc<Shared>,
     header_timeout: Duration,
     mut shutdown: watch::Receiver<Option<Duration>>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let (stop, stopping) = watch::channel(false);
+    let conns = Conns {
+        tracker: TaskTracker::new(),
+        stop: stopping,
+    };
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .keep_alive(true)
@@ -326,7 +417,7 @@ async fn accept_loop(
     let grace = loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
+                let (conn, peer) = match accepted {
                     Ok(pair) => pair,
                     Err(_) => {
                         // NOTE: out of descriptors or a reset handshake; back off
@@ -335,22 +426,10 @@ async fn accept_loop(
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
-                let Ok(permit) = open.clone().try_acquire_owned() else {
-                    let busy = service_fn(|_req| async { Ok::<_, Infallible>(too_many_connections()) });
-                    let conn = graceful.watch(over_cap.serve_connection(TokioIo::new(stream), busy));
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    continue;
-                };
-                let shared = shared.clone();
-                let service = service_fn(move |req| handle(shared.clone(), peer, req));
-                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(permit);
-                });
+                match conn {
+                    Conn::Tcp(stream) => serve_connection(stream, peer, &shared, &open, &http, &over_cap, &conns),
+                    Conn::Unix(stream) => serve_connection(stream, peer, &shared, &open, &http, &over_cap, &conns),
+                }
             }
             changed = shutdown.changed() => {
                 let grace = if changed.is_ok() { *shutdown.borrow() } else { Some(Duration::ZERO) };
@@ -359,40 +438,137 @@ async fn accept_loop(
         }
     };
     drop(listener);
-    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+    let _ = stop.send(true);
+    conns.tracker.close();
+    let _ = tokio::time::timeout(grace, conns.tracker.wait()).await;
 }
 
-/// Connections the kernel queues before `accept`.
-/// NOTE: std's `bind` queues 128; a burst of 500 connects then overflowed
-/// it, and the clients over the limit waited a second to retry the SYN.
-const LISTEN_BACKLOG: i32 = 1024;
+/// The open connections, and the signal that tells them the server stops.
+struct Conns {
+    tracker: TaskTracker,
+    stop: watch::Receiver<bool>,
+}
 
-fn listen_on(host: &str, port: u16) -> std::io::Result<std::net::TcpListener> {
-    use std::net::ToSocketAddrs;
-    let mut last = None;
-    for addr in (host, port).to_socket_addrs()? {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        match socket
-            .bind(&addr.into())
-            .and_then(|()| socket.listen(LISTEN_BACKLOG))
-        {
-            Ok(()) => return Ok(socket.into()),
-            Err(e) => last = Some(e),
+/// How long a connection accepted just before a stop may take to send its
+/// first request, which is then answered (with `connection: close`).
+/// NOTE: hyper closes an HTTP/1 connection that has not sent a request as
+/// soon as it is told to shut down, so a client whose connect raced the
+/// stop (a rolling restart) would lose its request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
+
+/// Whether a connection has sent a request yet, and a wake-up when it does.
+#[derive(Default)]
+struct FirstRequest {
+    seen: AtomicBool,
+    arrived: tokio::sync::Notify,
+}
+
+impl FirstRequest {
+    fn mark(&self) {
+        if !self.seen.load(Relaxed) && !self.seen.swap(true, SeqCst) {
+            self.arrived.notify_one();
         }
     }
-    Err(last.unwrap_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
-    }))
+}
+
+/// Serves a connection until it ends; once the server stops, it finishes
+/// the request in progress (or the first one, if it is about to arrive)
+/// and closes.
+async fn drive<C: GracefulConnection>(
+    conn: C,
+    first: Option<Arc<FirstRequest>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    if let Some(first) = first.filter(|f| !f.seen.load(SeqCst)) {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = first.arrived.notified() => {}
+            _ = tokio::time::sleep(FIRST_REQUEST_GRACE) => {}
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+type Http1 = hyper::server::conn::http1::Builder;
+
+/// Serves one accepted connection, or answers 503 and closes it when
+/// `max_connections` are open already.
+fn serve_connection<S>(
+    stream: S,
+    peer: Option<SocketAddr>,
+    shared: &Arc<Shared>,
+    open: &Arc<tokio::sync::Semaphore>,
+    http: &Http1,
+    over_cap: &Http1,
+    conns: &Conns,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(permit) = open.clone().try_acquire_owned() else {
+        let busy =
+            service_fn(|_req| async { Ok::<_, Infallible>(with_server(too_many_connections())) });
+        let conn = over_cap.serve_connection(TokioIo::new(stream), busy);
+        conns.tracker.spawn(drive(conn, None, conns.stop.clone()));
+        return;
+    };
+    let shared = shared.clone();
+    let first = Arc::new(FirstRequest::default());
+    let seen = first.clone();
+    let service = service_fn(move |req| {
+        seen.mark();
+        serve_one(shared.clone(), peer, req)
+    });
+    let conn = http.serve_connection(TokioIo::new(stream), service);
+    let stop = conns.stop.clone();
+    conns.tracker.spawn(async move {
+        drive(conn, Some(first), stop).await;
+        drop(permit);
+    });
+}
+
+const SERVER: http::HeaderValue = http::HeaderValue::from_static("catzilla");
+
+fn with_server(mut resp: HttpResponse) -> HttpResponse {
+    resp.headers_mut().insert(http::header::SERVER, SERVER);
+    resp
+}
+
+/// One request: its client (behind trusted proxies), its response with the
+/// `server` header, and its access log line when that log is on.
+async fn serve_one(
+    shared: Arc<Shared>,
+    peer: Option<SocketAddr>,
+    req: http::Request<Incoming>,
+) -> Result<HttpResponse, Infallible> {
+    let client = shared.trusted.client(peer, req.headers());
+    let Some(access) = &shared.access else {
+        return handle(shared.clone(), client, req).await.map(with_server);
+    };
+    let started = Instant::now();
+    let (method, uri, version) = (req.method().clone(), req.uri().clone(), req.version());
+    let resp = with_server(handle(shared.clone(), client, req).await?);
+    let bytes = hyper::body::Body::size_hint(resp.body()).exact();
+    access.record(super::access::line(
+        client,
+        &method,
+        &uri,
+        version,
+        resp.status().as_u16(),
+        bytes,
+        started.elapsed(),
+    ));
+    Ok(resp)
 }
 
 async fn handle(
     shared: Arc<Shared>,
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
     req: http::Request<Incoming>,
 ) -> Result<HttpResponse, Infallible> {
     let (parts, body) = req.into_parts();
@@ -567,7 +743,7 @@ fn run_job(py: Python<'_>, shared: &Shared, job: Job) {
         return;
     };
     let method = parts.method.clone();
-    let request = match Bound::new(py, Request::new(parts, body, params, Some(peer))) {
+    let request = match Bound::new(py, Request::new(parts, body, params, peer)) {
         Ok(r) => r,
         Err(err) => {
             let _ = reply.send(failure(py, err, method.as_str(), "(unreadable request)"));
