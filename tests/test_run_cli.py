@@ -15,8 +15,10 @@ import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from catzilla import Catzilla
 from catzilla.cli import main
 from helpers import DEADLINE, Client, ServerProcess, run_python, wait_until
 
@@ -365,3 +367,60 @@ def test_children_stop_when_the_supervisor_is_killed(spawn, tmp_path: Path):
     children = pids_seen(client, 2, "both processes to answer")
     server.proc.send_signal(signal.SIGKILL)
     wait_until(lambda: not any(alive(pid) for pid in children), what="the children to stop")
+
+
+# The same options on app.listen
+
+LISTEN_ON_FD = textwrap.dedent(
+    """
+    import socket, threading, urllib.request
+    from catzilla import Catzilla
+
+    app = Catzilla()
+
+    @app.get("/hi")
+    def hi(request):
+        return {"client": request.client}
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+
+    def call():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/hi", timeout=30) as r:
+                print("answer", r.read().decode(), r.headers["server"], flush=True)
+        finally:
+            app.stop()
+
+    threading.Timer(0.2, call).start()
+    app.listen(fd=sock.fileno(), access_log=True, forwarded_allow_ips="10.0.0.0/8, ::1")
+    try:
+        sock.fileno()
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+        print("still open", flush=True)
+    except OSError:
+        print("closed", flush=True)
+    """
+)
+
+
+def test_listen_serves_an_inherited_socket_and_logs_access_to_stderr():
+    r = run_python(LISTEN_ON_FD, what="listen(fd=...)")
+    assert r.returncode == 0, r.stderr
+    assert 'answer {"client":["127.0.0.1",' in r.stdout and "catzilla" in r.stdout, r.stdout
+    assert re.search(r'127\.0\.0\.1:\d+ - "GET /hi HTTP/1.1" 200 \d+ ', r.stderr), r.stderr
+    assert r.stdout.strip().endswith("closed"), r.stdout
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"forwarded_allow_ips": "10.0.0.0/33"}, '"10.0.0.0/33" is not an IP address'),
+        ({"forwarded_allow_ips": [1]}, "forwarded_allow_ips must hold str"),
+        ({"backlog": 0}, "backlog must be an int >= 1"),
+        ({"uds": "/tmp/x.sock", "fd": 3}, "give at most one of uds and fd"),
+    ],
+)
+def test_listen_refuses_bad_options(kwargs: dict[str, Any], message: str):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        Catzilla().listen(port=0, **kwargs)

@@ -403,11 +403,14 @@ def _unlink(path: str) -> None:
 def _stop_when_orphaned(app: Catzilla, supervisor_pid: int) -> None:
     """Stops serving once the supervisor is gone (its children are reparented)."""
 
+    gone = threading.Event()
+
     def watch() -> None:
-        while os.getppid() == supervisor_pid:
-            if threading.main_thread().is_alive() is False:
-                return
-            threading.Event().wait(TICK)
+        # NOTE: Linux has no portable "parent died" event for Python; the
+        # parent pid is read every TICK (a syscall), on a daemon thread.
+        while not gone.wait(TICK):
+            if os.getppid() != supervisor_pid:
+                gone.set()
         server_logger.warning("the supervisor (pid %d) is gone; stopping", supervisor_pid)
         app.stop()
 
