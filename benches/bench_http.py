@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,7 @@ HOST = "127.0.0.1"
 
 ORIG_REQUIREMENTS = ("catzilla==0.2.3",)
 UVICORN_REQUIREMENTS = ("starlette", "uvicorn")
+GRANIAN_REQUIREMENTS = ("granian", "starlette")  # bench_processes.py
 HUEY_REQUIREMENTS = ("huey",)  # bench_storage.py
 APSCHEDULER_REQUIREMENTS = ("apscheduler<4",)  # bench_periodic.py
 # bench_redis.py: each Redis task queue in a venv of its own.
@@ -65,7 +66,8 @@ PIP_TIMEOUT = 900  # seconds for a baseline venv's pip install
 # Every baseline venv of the benches, by its directory under BENCH_DIR.
 BASELINE_VENVS = {
     ".venv-catzilla-orig": ORIG_REQUIREMENTS,  # bench_http.py, bench_idle.py
-    ".venv-uvicorn": UVICORN_REQUIREMENTS,  # bench_http.py
+    ".venv-uvicorn": UVICORN_REQUIREMENTS,  # bench_http.py, bench_processes.py
+    ".venv-granian": GRANIAN_REQUIREMENTS,  # bench_processes.py
     ".venv-huey": HUEY_REQUIREMENTS,  # bench_storage.py
     ".venv-apscheduler": APSCHEDULER_REQUIREMENTS,  # bench_periodic.py
     ".venv-celery": CELERY_REQUIREMENTS,  # bench_redis.py
@@ -98,6 +100,8 @@ class Route:
 
 
 ROUTES = (Route("GET", "/json"), Route("POST", "/enqueue"))
+# A key that each route's JSON answer must hold (smoke_test), by path.
+JSON_KEYS = {"/json": "message", "/enqueue": "task_id"}
 
 
 PORT = "{port}"  # stands for the server's port in Server.command
@@ -272,10 +276,11 @@ def wait_until_ready(proc: subprocess.Popen[bytes], port: int, timeout: float) -
         time.sleep(0.05)
 
 
-def smoke_test(port: int) -> None:
-    """Both routes must answer 200 with the expected JSON before they are measured."""
-    expected_keys = {"/json": "message", "/enqueue": "task_id"}
-    for route in ROUTES:
+def smoke_test(
+    port: int, routes: Sequence[Route] = ROUTES, json_keys: Mapping[str, str] = JSON_KEYS
+) -> None:
+    """Each route must answer 200 with JSON holding its key before they are measured."""
+    for route in routes:
         try:
             status, body = http_call(port, route, timeout=5.0)
         except (OSError, http.client.HTTPException) as exc:
@@ -286,7 +291,7 @@ def smoke_test(port: int) -> None:
             payload = json.loads(body)
         except ValueError as exc:
             raise BenchError(f"{route} answered non-JSON: {body[:200]!r}") from exc
-        if not isinstance(payload, dict) or expected_keys[route.path] not in payload:
+        if not isinstance(payload, dict) or json_keys[route.path] not in payload:
             raise BenchError(f"{route} answered unexpected JSON: {payload!r}")
 
 
@@ -397,15 +402,18 @@ def bench_server(
     settings: Settings,
     workdir: Path,
     scripts: dict[str, Path],
+    routes: Sequence[Route] = ROUTES,
+    json_keys: Mapping[str, str] = JSON_KEYS,
 ) -> dict[Route, WrkResult]:
+    """Start ``server``, check it, measure each of ``routes`` in turn, and stop it."""
     server_cpus, wrk_cpus = cpu_split(settings.pin)
     log = workdir / f"{server.name}.log"
     results: dict[Route, WrkResult] = {}
     try:
         with running(server, log, settings, server_cpus) as (proc, port):
-            smoke_test(port)
+            smoke_test(port, routes, json_keys)
             print(f"    up on port {port}, pid {proc.pid}")
-            for route in ROUTES:
+            for route in routes:
                 if settings.warmup:
                     run_wrk(port, route, settings.warmup, settings, scripts, wrk_cpus)
                 output = run_wrk(port, route, settings.duration, settings, scripts, wrk_cpus)

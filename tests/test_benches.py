@@ -4,7 +4,7 @@ the ratios or checks it promises: a broken benchmark fails here at once.
 
 Quick figures mean nothing and are never compared with anything; the figures
 come only from full runs by hand. The baseline venvs (catzilla 0.2.3,
-Starlette/uvicorn, Huey, APScheduler, Celery, Dramatiq, arq, RQ, from PyPI)
+Starlette/uvicorn, granian, Huey, APScheduler, Celery, Dramatiq, arq, RQ, from PyPI)
 are made first, once, under a deadline of their own, so that a bench's
 deadline times the bench alone. A run that overruns gets SIGABRT first, so
 that faulthandler prints where each of its threads was, and then it and its
@@ -75,6 +75,18 @@ BENCH_SCRIPTS = (
             rf"^  apscheduler\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}x later$",
         ),
         venvs=(".venv-apscheduler",),
+    ),
+    Bench(
+        "bench_processes.py",
+        (
+            r"^ratios \(requests/s\)\s+catzilla-p2/granian-rsgi\s+catzilla-p2/granian-asgi"
+            r"\s+catzilla-p2/uvicorn$",
+            rf"^GET /json\s+{NUM}x\s+{NUM}x\s+{NUM}x$",
+            rf"^GET /cpu\s+{NUM}x\s+{NUM}x\s+{NUM}x$",
+            rf"^scaling GET /cpu p2/p1\s+{NUM}x$",
+        ),
+        venvs=(".venv-uvicorn", ".venv-granian"),
+        needs=("wrk",),
     ),
     Bench(
         "bench_redis.py",
