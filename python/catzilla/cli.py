@@ -54,6 +54,11 @@ LOG_LEVELS = {
 TICK = 0.5
 
 
+class ImportFailed(Exception):
+    """The target's module raised while it was imported: perhaps a passing
+    problem (a database not up yet), so a supervisor restarts the process."""
+
+
 class UsageError(Exception):
     """A mistake in the command line or the target: one line, exit code 2."""
 
@@ -108,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=LOG_LEVELS[args.log_level], format=LOG_FORMAT)
     if args.command == "run":
         try:
-            options = _run_options(args)
+            run_options = _run_options(args)
         except argparse.ArgumentTypeError as exc:
             return _usage_error(f"argument TARGET: {exc}", EXIT_FAILURE)
-        return run_command(options)
+        return run_command(run_options)
     options = WorkerOptions(
         target=args.target,
         workers=args.workers,
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(options)
     except UsageError as exc:
         return _usage_error(str(exc))
+    except ImportFailed as exc:
+        return _usage_error(str(exc), EXIT_FAILURE)
 
 
 # One worker process
@@ -204,7 +211,7 @@ def load_target(target: Target) -> Any:
     except ImportError as exc:
         raise UsageError(f"cannot import module {target.module!r}: {exc}") from None
     except Exception as exc:
-        raise UsageError(
+        raise ImportFailed(
             f"importing module {target.module!r} raised {type(exc).__name__}: {exc}"
         ) from exc
     recovery.register_main_alias(target.module)
@@ -293,7 +300,7 @@ def run_command(options: RunOptions) -> int:
         if options.fd is None and (options.processes > 1 or options.reload):
             return supervise_servers(options)
         return serve_here(options)
-    except UsageError as exc:
+    except (UsageError, ImportFailed) as exc:
         return _usage_error(str(exc), EXIT_FAILURE)
 
 

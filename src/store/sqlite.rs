@@ -280,9 +280,24 @@ fn open_connection(path: &str, starvation: Duration) -> Result<Connection, Store
     let conn =
         Connection::open(path).map_err(|e| StoreError(format!("cannot open {path}: {e}")))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-        .map_err(|e| StoreError(format!("{path} is not a usable SQLite database: {e}")))?;
+    // NOTE: switching a new file to WAL takes a lock that SQLite does not wait
+    // for with the busy handler: two processes opening one new file at once
+    // saw "database is locked" here. Retried until the busy timeout.
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    let mode: String = loop {
+        match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => {
+                break other.map_err(|e| {
+                    StoreError(format!("{path} is not a usable SQLite database: {e}"))
+                })?
+            }
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError(format!(
             "{path}: cannot switch to WAL mode (got {mode})"
@@ -1457,6 +1472,28 @@ mod tests {
         store.insert(row("c", "pending", 3.0));
         assert!(store.flush(Duration::from_secs(5)));
         assert!(told.try_recv().is_err(), "told only once");
+    }
+
+    #[test]
+    fn processes_opening_one_new_file_at_once_all_get_it() {
+        for round in 0..20 {
+            let path = temp_db(&format!("race-{round}"));
+            let start = Arc::new(std::sync::Barrier::new(3));
+            let openers: Vec<_> = (0..3)
+                .map(|i| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        SqliteStore::open(&path, cfg(&format!("p{i}"), KEEP), quiet())
+                            .map(|_| ())
+                            .map_err(|e| e.0)
+                    })
+                })
+                .collect();
+            for opener in openers {
+                assert_eq!(opener.join().unwrap(), Ok(()), "round {round}");
+            }
+        }
     }
 
     #[test]
