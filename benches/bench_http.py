@@ -436,23 +436,36 @@ def bench_server(
 # ---------------------------------------------------------------------------- report
 
 
-def print_table(
+def print_results(
     names: Sequence[str],
     results: dict[str, dict[Route, WrkResult]],
     failures: dict[str, str],
+    name_width: int = 9,
+    route_width: int = 14,
 ) -> None:
-    header = f"{'server':<9} {'route':<14} {'requests/s':>12} {'p99 ms':>9}  errors"
+    """One row per server and route: requests/s, p99 and errors (or FAILED)."""
+    n, r = name_width, route_width
+    header = f"{'server':<{n}} {'route':<{r}} {'requests/s':>12} {'p99 ms':>9}  errors"
     print()
     print(header)
     print("-" * len(header))
     for name in names:
         if name in failures:
-            print(f"{name:<9} {'-':<14} {'FAILED':>12} {'-':>9}  -")
+            print(f"{name:<{n}} {'-':<{r}} {'FAILED':>12} {'-':>9}  -")
             continue
         for route, res in results[name].items():
             print(
-                f"{name:<9} {route!s:<14} {res.rps:>12,.0f} {res.p99_ms:>9.2f}  {res.errors_text()}"
+                f"{name:<{n}} {route!s:<{r}} {res.rps:>12,.0f} {res.p99_ms:>9.2f}"
+                f"  {res.errors_text()}"
             )
+
+
+def print_table(
+    names: Sequence[str],
+    results: dict[str, dict[Route, WrkResult]],
+    failures: dict[str, str],
+) -> None:
+    print_results(names, results, failures)
 
     print()
     baselines = [b for b in BASELINES if b in results]

@@ -77,6 +77,7 @@ from bench_http import (
     bench_server,
     ensure_venv,
     package_versions,
+    print_results,
     wrk_version,
 )
 from benchargs import BenchParser
@@ -214,19 +215,7 @@ def print_table(
     results: dict[str, dict[Route, WrkResult]],
     failures: dict[str, str],
 ) -> None:
-    header = f"{'server':<13} {'route':<10} {'requests/s':>12} {'p99 ms':>9}  errors"
-    print()
-    print(header)
-    print("-" * len(header))
-    for name in names:
-        if name in failures:
-            print(f"{name:<13} {'-':<10} {'FAILED':>12} {'-':>9}  -")
-            continue
-        for route, res in results[name].items():
-            print(
-                f"{name:<13} {route!s:<10} {res.rps:>12,.0f} {res.p99_ms:>9.2f}"
-                f"  {res.errors_text()}"
-            )
+    print_results(names, results, failures, name_width=13, route_width=10)
 
     print()
     baselines = [b for b in BASELINES if b in results]

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from catzilla import Catzilla
 from catzilla.cli import main
-from helpers import DEADLINE, Client, ServerProcess, run_python, wait_until
+from helpers import DEADLINE, Client, ServerProcess, alive, run_python, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = "from catzilla.cli import main; raise SystemExit(main())"
@@ -83,14 +83,6 @@ def pids_seen(client: Client, want: int, what: str) -> set[int]:
 
     wait_until(enough, what=what)
     return seen
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
 def cli(cwd: Path, *args: str) -> tuple[int, str, str]:

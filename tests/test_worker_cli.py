@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from catzilla.cli import main, redact
-from helpers import DEADLINE, ServerProcess, run_python, wait_until
+from helpers import DEADLINE, ServerProcess, alive, run_python, wait_until
 
 CLI = "from catzilla.cli import main; raise SystemExit(main())"
 SERVING = "serving queue(s)"
@@ -68,14 +68,6 @@ def pids(lines: list[str], text: str) -> list[int]:
     return [
         int(m.group(1)) for line in lines if text in line if (m := re.search(r"\[(\d+)\]", line))
     ]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
 # redact
