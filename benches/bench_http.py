@@ -484,6 +484,26 @@ def print_table(
 # ---------------------------------------------------------------------------- main
 
 
+def add_server_options(parser: argparse.ArgumentParser, stop_timeout: float) -> None:
+    """The options every HTTP bench has for its servers and their venvs."""
+    parser.add_argument(
+        "--startup-timeout", type=float, default=30.0, help="seconds for a server to answer (30)"
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=stop_timeout,
+        help=f"seconds from SIGINT to SIGKILL ({stop_timeout:g})",
+    )
+    parser.add_argument(
+        "--venv-dir",
+        type=Path,
+        default=BENCH_DIR,
+        help="where the baseline venvs live (default: next to this script)",
+    )
+    parser.add_argument("--recreate-venvs", action="store_true", help="rebuild the baseline venvs")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = BenchParser(__doc__)
     parser.add_size("--duration", type=int, full=10, quick=1, help="seconds per route")
@@ -500,19 +520,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="pin the server to the first CPU and wrk to the others",
     )
-    parser.add_argument(
-        "--startup-timeout", type=float, default=30.0, help="seconds for a server to answer (30)"
-    )
-    parser.add_argument(
-        "--stop-timeout", type=float, default=5.0, help="seconds from SIGINT to SIGKILL (5)"
-    )
-    parser.add_argument(
-        "--venv-dir",
-        type=Path,
-        default=BENCH_DIR,
-        help="where the baseline venvs live (default: next to this script)",
-    )
-    parser.add_argument("--recreate-venvs", action="store_true", help="rebuild the baseline venvs")
+    add_server_options(parser, stop_timeout=5.0)
     args = parser.parse(argv)
     args.names = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(args.names) - set(SERVER_NAMES))

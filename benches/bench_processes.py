@@ -66,7 +66,6 @@ from pathlib import Path
 from bench_http import (
     APPS_DIR,
     BASELINE_VENVS,
-    BENCH_DIR,
     HOST,
     PORT,
     BenchError,
@@ -74,6 +73,7 @@ from bench_http import (
     Server,
     Settings,
     WrkResult,
+    add_server_options,
     bench_server,
     ensure_venv,
     package_versions,
@@ -257,19 +257,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="rounds over every server; each figure is the median round's",
     )
     parser.add_choices("--only", SERVER_NAMES, help="servers to run")
-    parser.add_argument(
-        "--startup-timeout", type=float, default=30.0, help="seconds for a server to answer (30)"
-    )
-    parser.add_argument(
-        "--stop-timeout", type=float, default=10.0, help="seconds from SIGINT to SIGKILL (10)"
-    )
-    parser.add_argument(
-        "--venv-dir",
-        type=Path,
-        default=BENCH_DIR,
-        help="where the baseline venvs live (default: next to this script)",
-    )
-    parser.add_argument("--recreate-venvs", action="store_true", help="rebuild the baseline venvs")
+    add_server_options(parser, stop_timeout=10.0)
     args = parser.parse(argv)
     if args.duration < 1 or args.warmup < 0 or args.connections < 1 or args.rounds < 1:
         parser.error("need --duration >= 1, --warmup >= 0, --connections >= 1 and --rounds >= 1")
