@@ -12,6 +12,7 @@ from .background_tasks import (
 )
 from .errors import BadRequestError, HTTPError
 from .web import (
+    EventSourceResponse,
     HTMLResponse,
     JSONResponse,
     Path,
@@ -19,6 +20,8 @@ from .web import (
     Query,
     Request,
     Response,
+    ServerSentEvent,
+    StreamingResponse,
 )
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "BadRequestError",
     "Catzilla",
     "EngineStats",
+    "EventSourceResponse",
     "HTMLResponse",
     "HTTPError",
     "JSONResponse",
@@ -35,6 +39,8 @@ __all__ = [
     "Query",
     "Request",
     "Response",
+    "ServerSentEvent",
+    "StreamingResponse",
     "TaskPriority",
     "TaskResult",
     "TaskStatus",

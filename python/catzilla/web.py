@@ -20,8 +20,10 @@ from ._catzilla import (
 )
 from ._log import reporter
 from .errors import BadRequestError, HTTPError
+from .streaming import EventSourceResponse, ServerSentEvent, StreamingResponse, start_stream
 
 __all__ = [
+    "EventSourceResponse",
     "HTMLResponse",
     "JSONResponse",
     "Path",
@@ -29,6 +31,8 @@ __all__ = [
     "Query",
     "Request",
     "Response",
+    "ServerSentEvent",
+    "StreamingResponse",
     "make_adapter",
 ]
 
@@ -56,6 +60,7 @@ _init_http(
         "report": _report,
         "EventLoopThread": _aio.EventLoopThread,
         "access": _access,
+        "start_stream": start_stream,
     }
 )
 

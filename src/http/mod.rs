@@ -8,6 +8,7 @@ pub mod response;
 pub mod router;
 pub mod routes;
 pub mod server;
+pub mod stream;
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -24,6 +25,9 @@ pub struct HttpRuntime {
     pub event_loop: Py<PyAny>,
     /// `access(lines, dropped)`: logs a batch of access log lines.
     pub access: Py<PyAny>,
+    /// `start_stream(content, sink, event_loop_or_None)`: starts a
+    /// streaming response's producer.
+    pub start_stream: Py<PyAny>,
 }
 
 static HTTP_RUNTIME: PyOnceLock<HttpRuntime> = PyOnceLock::new();
@@ -47,6 +51,7 @@ pub fn _init_http(spec: &Bound<'_, PyDict>) -> PyResult<()> {
         report: get("report")?,
         event_loop: get("EventLoopThread")?,
         access: get("access")?,
+        start_stream: get("start_stream")?,
     };
     let _ = HTTP_RUNTIME.set(spec.py(), rt);
     Ok(())
@@ -58,6 +63,8 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<response::JSONResponse>()?;
     m.add_class::<response::HTMLResponse>()?;
     m.add_class::<response::PlainTextResponse>()?;
+    m.add_class::<response::StreamingResponse>()?;
+    stream::init_pymodule(m)?;
     m.add_class::<server::Server>()?;
     m.add_class::<routes::Routes>()?;
     m.add_function(wrap_pyfunction!(_init_http, m)?)?;

@@ -2,15 +2,31 @@
 //! whatever a handler returns into an HTTP response.
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
 use super::json::to_json;
+use super::stream::{StreamBody, StreamSink};
 
-pub type HttpResponse = http::Response<Full<Bytes>>;
+/// A whole body, or one streamed as Python produces it.
+pub type HttpBody = Either<Full<Bytes>, StreamBody>;
+pub type HttpResponse = http::Response<HttpBody>;
+
+/// A whole body.
+pub fn full(bytes: Bytes) -> HttpBody {
+    Either::Left(Full::new(bytes))
+}
+
+/// What a streaming response needs from the server that sends it.
+pub trait Streams {
+    /// A new sink and body, the body ending when the server stops.
+    fn channel(&self) -> (StreamSink, StreamBody);
+    /// Starts producing `content` into `sink`.
+    fn start(&self, content: &Bound<'_, PyAny>, sink: Py<StreamSink>) -> PyResult<()>;
+}
 
 const JSON: &str = "application/json";
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -75,10 +91,14 @@ impl Response {
     }
 
     fn to_http(&self, py: Python<'_>) -> PyResult<HttpResponse> {
+        self.with_body(py, full(self.body.clone()))
+    }
+
+    fn with_body(&self, py: Python<'_>, body: HttpBody) -> PyResult<HttpResponse> {
         let bad = |e: &dyn std::fmt::Display| {
             PyValueError::new_err(format!("invalid response header: {e}"))
         };
-        let mut resp = http::Response::new(Full::new(self.body.clone()));
+        let mut resp = http::Response::new(body);
         *resp.status_mut() = http::StatusCode::from_u16(self.status).map_err(|e| bad(&e))?;
         let headers = resp.headers_mut();
         headers.insert(
@@ -214,9 +234,55 @@ text_response!(
     "A response with a plain-text body."
 );
 
+/// A response whose body is sent as `content` produces it: an iterator or
+/// async iterator of str or bytes chunks, sent with chunked encoding.
+#[pyclass(extends = Response, subclass, frozen, module = "catzilla._catzilla")]
+pub struct StreamingResponse {
+    content: Py<PyAny>,
+}
+
+#[pymethods]
+impl StreamingResponse {
+    #[new]
+    #[pyo3(signature = (content, status_code=200, headers=None, media_type=None))]
+    fn new(
+        py: Python<'_>,
+        content: Bound<'_, PyAny>,
+        status_code: i64,
+        headers: Option<&Bound<'_, PyDict>>,
+        media_type: Option<String>,
+    ) -> PyResult<PyClassInitializer<Self>> {
+        let iterable = content.hasattr("__aiter__")? || content.hasattr("__iter__")?;
+        if !iterable || content.is_instance_of::<PyString>() || content.is_instance_of::<PyBytes>()
+        {
+            return Err(PyTypeError::new_err(format!(
+                "content must be an iterator or async iterator of str or bytes chunks, got {}",
+                content.get_type().name()?
+            )));
+        }
+        let media_type = media_type.unwrap_or_else(|| "application/octet-stream".into());
+        let base = Response::build(py, status_code, Bytes::new(), media_type, headers)?;
+        Ok(
+            PyClassInitializer::from(base).add_subclass(StreamingResponse {
+                content: content.unbind(),
+            }),
+        )
+    }
+
+    /// What produces the body.
+    #[getter]
+    fn content(&self, py: Python<'_>) -> Py<PyAny> {
+        self.content.clone_ref(py)
+    }
+
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.content)
+    }
+}
+
 /// A JSON response built in Rust, for errors and plain dict results.
 pub fn json_response(status: u16, body: Vec<u8>) -> HttpResponse {
-    let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+    let mut resp = http::Response::new(full(Bytes::from(body)));
     *resp.status_mut() =
         http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut().insert(
@@ -239,8 +305,16 @@ pub fn error_response(status: u16, message: &str, extra: &[(&str, &str)]) -> Htt
 
 /// Converts a handler's return value: a `Response`, a dict or list (JSON),
 /// a str (plain text), bytes, or None (204 No Content).
-pub fn to_http(value: &Bound<'_, PyAny>) -> PyResult<HttpResponse> {
+pub fn to_http(value: &Bound<'_, PyAny>, streams: &dyn Streams) -> PyResult<HttpResponse> {
     let py = value.py();
+    if let Ok(streaming) = value.cast::<StreamingResponse>() {
+        let (sink, body) = streams.channel();
+        let sink = Py::new(py, sink)?;
+        let base = streaming.as_super().get();
+        let resp = base.with_body(py, Either::Right(body))?;
+        streams.start(streaming.get().content.bind(py), sink)?;
+        return Ok(resp);
+    }
     if let Ok(resp) = value.cast::<Response>() {
         return resp.get().to_http(py);
     }
@@ -263,7 +337,7 @@ pub fn to_http(value: &Bound<'_, PyAny>) -> PyResult<HttpResponse> {
             .to_http(py);
     }
     if value.is_none() {
-        let mut resp = http::Response::new(Full::new(Bytes::new()));
+        let mut resp = http::Response::new(full(Bytes::new()));
         *resp.status_mut() = http::StatusCode::NO_CONTENT;
         return Ok(resp);
     }

@@ -33,9 +33,10 @@ use super::access::AccessLog;
 use super::forwarded::TrustedProxies;
 use super::http_runtime;
 use super::request::Request;
-use super::response::{error_response, to_http, HttpResponse};
+use super::response::{error_response, to_http, HttpResponse, Streams};
 use super::router::{Match, Router};
 use super::routes::Routes;
+use super::stream::{StreamBody, StreamSink};
 use crate::clock::due_after;
 use crate::interpreter::{
     close_event_loop, is_awaitable, lazy_event_loop, AsyncOutcome, ParkOnForcedUnwind,
@@ -79,6 +80,29 @@ struct Shared {
     /// Proxies whose `X-Forwarded-For` names the client.
     trusted: TrustedProxies,
     access: Option<AccessLog>,
+    /// Raised when the server stops: streaming bodies end.
+    stopping: watch::Sender<bool>,
+}
+
+impl Streams for Shared {
+    fn channel(&self) -> (StreamSink, StreamBody) {
+        super::stream::channel(self.stopping.subscribe())
+    }
+
+    fn start(&self, content: &Bound<'_, PyAny>, sink: Py<StreamSink>) -> PyResult<()> {
+        let py = content.py();
+        // A plain iterator runs on a thread of its own: no event loop needed.
+        let aio = if content.hasattr("__aiter__")? {
+            event_loop(py, self)?.into_bound(py)
+        } else {
+            py.None().into_bound(py)
+        };
+        http_runtime(py)?
+            .start_stream
+            .bind(py)
+            .call1((content, sink, aio))?;
+        Ok(())
+    }
 }
 
 /// The listening socket, as adopted and as served.
@@ -218,6 +242,7 @@ impl Server {
                 aio_closed: AtomicBool::new(false),
                 trusted,
                 access,
+                stopping: watch::channel(false).0,
             }),
             handler_threads,
             io_threads,
@@ -439,6 +464,7 @@ async fn accept_loop(
     };
     drop(listener);
     let _ = stop.send(true);
+    shared.stopping.send_replace(true);
     conns.tracker.close();
     let _ = tokio::time::timeout(grace, conns.tracker.wait()).await;
 }
@@ -689,7 +715,7 @@ fn too_large(limit: usize) -> HttpResponse {
     )
 }
 
-fn handler_thread(shared: &Shared) {
+fn handler_thread(shared: &Arc<Shared>) {
     Python::attach(|py| loop {
         let Ok(Msg::Job(first)) = py.detach(|| shared.rx.recv()) else {
             return;
@@ -730,7 +756,7 @@ fn handler_thread(shared: &Shared) {
     });
 }
 
-fn run_job(py: Python<'_>, shared: &Shared, job: Job) {
+fn run_job(py: Python<'_>, shared: &Arc<Shared>, job: Job) {
     let Job {
         handler,
         params,
@@ -767,9 +793,8 @@ fn run_job(py: Python<'_>, shared: &Shared, job: Job) {
                 }
             }
         }
-        Ok(value) => {
-            to_http(&value).unwrap_or_else(|err| failure(py, err, req.method_str(), req.path_str()))
-        }
+        Ok(value) => to_http(&value, shared.as_ref())
+            .unwrap_or_else(|err| failure(py, err, req.method_str(), req.path_str())),
         Err(err) => failure(py, err, req.method_str(), req.path_str()),
     };
     let _ = reply.send(response);
@@ -779,7 +804,7 @@ type Reply = oneshot::Sender<HttpResponse>;
 
 fn submit_async(
     py: Python<'_>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     awaitable: Bound<'_, PyAny>,
     reply: Reply,
     method: String,
@@ -790,6 +815,7 @@ fn submit_async(
         Err(err) => return Err((err, reply)),
     };
     let done = HttpAsyncDone {
+        shared: shared.clone(),
         reply: Mutex::new(Some(reply)),
         method,
         path,
@@ -858,6 +884,7 @@ fn failure(py: Python<'_>, err: PyErr, method: &str, path: &str) -> HttpResponse
 /// Completion of an `async def` handler, called on the event loop thread.
 #[pyclass(frozen, module = "catzilla._catzilla")]
 pub struct HttpAsyncDone {
+    shared: Arc<Shared>,
     reply: Mutex<Option<Reply>>,
     method: String,
     path: String,
@@ -872,9 +899,8 @@ impl HttpAsyncDone {
             return;
         };
         let response = match AsyncOutcome::from_code(kind) {
-            AsyncOutcome::Ok => {
-                to_http(&value).unwrap_or_else(|err| failure(py, err, &self.method, &self.path))
-            }
+            AsyncOutcome::Ok => to_http(&value, self.shared.as_ref())
+                .unwrap_or_else(|err| failure(py, err, &self.method, &self.path)),
             AsyncOutcome::Error => failure(py, PyErr::from_value(value), &self.method, &self.path),
             AsyncOutcome::Timeout | AsyncOutcome::Cancelled => {
                 error_response(503, "Service Unavailable: the server is shutting down", &[])
