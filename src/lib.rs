@@ -1,5 +1,6 @@
 //! catzilla's native core, built as the extension module `catzilla._catzilla`.
 
+pub mod batch;
 pub mod clock;
 pub mod errors;
 pub mod http;

@@ -24,10 +24,12 @@ from .background_tasks import (
     TaskStatus,
     task,
 )
+from .dashboard import Dashboard
 from .errors import EngineShutdownError
+from .events import EventHooks, Hook, check_kinds
 from .periodic import PeriodicOptions
 from .task_function import TaskOptions
-from .web import make_adapter
+from .web import Response, make_adapter
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -92,6 +94,10 @@ class Catzilla:
         self.routes: list[tuple[str, str, Callable[..., Any]]] = []
         self._routes = Routes()
         self._server: Server | None = None
+        self._observing = False
+        self._http_metrics = False
+        self._event_hooks = EventHooks()
+        self._dashboard: Dashboard | None = None
 
     # Routing
 
@@ -221,7 +227,10 @@ class Catzilla:
             max_connections=self.max_connections,
             access_log=bool(access_log),
             forwarded_allow_ips=_proxy_list(forwarded_allow_ips),
+            metrics=self._http_metrics,
         )
+        if self._dashboard is not None:
+            self._dashboard.check_address(sock)
         server.adopt(sock.fileno())
         where = _sockets.describe(sock)
         sock.close()
@@ -266,7 +275,78 @@ class Catzilla:
             raise RuntimeError("background tasks are already enabled for this app")
         self.tasks = BackgroundTasks(**options)
         self._task_options = options
+        self._apply_observation(self.tasks)
         return self.tasks
+
+    def _apply_observation(self, engine: BackgroundTasks) -> None:
+        if self._observing:
+            engine._observe()
+        if self._event_hooks:
+            engine._set_event_sink(self._event_hooks.dispatch)
+
+    def _observe_tasks(self) -> None:
+        """Turns on per-task-name counts and timings (metrics, dashboard)."""
+        self._observing = True
+        if self.tasks is not None and not self.tasks.is_forked:
+            self.tasks._observe()
+
+    # Monitoring
+
+    @overload
+    def on_task_event(self, func: Hook, /) -> Hook: ...
+    @overload
+    def on_task_event(self, *kinds: str) -> Callable[[Hook], Hook]: ...
+    def on_task_event(self, *kinds: Any) -> Any:
+        """Registers a hook called with a ``TaskEvent`` for each task event of
+        ``kinds`` (``"submitted"``, ``"started"``, ``"succeeded"``,
+        ``"failed"``, ``"retrying"``, ``"timed_out"``, ``"cancelled"``; all
+        when none are named). Hooks run on a thread of their own, in order;
+        one that raises is logged and never fails the task::
+
+            @app.on_task_event("failed")
+            def report(event: TaskEvent) -> None:
+                sentry_sdk.capture_exception(event.error)
+        """
+        if len(kinds) == 1 and callable(kinds[0]):
+            self._add_hook(check_kinds(()), kinds[0])
+            return kinds[0]
+        wanted = check_kinds(tuple(kinds))
+
+        def register(hook: Hook) -> Hook:
+            self._add_hook(wanted, hook)
+            return hook
+
+        return register
+
+    def _add_hook(self, kinds: frozenset[str], hook: Hook) -> None:
+        first = not self._event_hooks
+        self._event_hooks.add(kinds, hook)
+        if first and self.tasks is not None and not self.tasks.is_forked:
+            self.tasks._set_event_sink(self._event_hooks.dispatch)
+
+    def enable_metrics(self, path: str = "/metrics", *, process_metrics: bool = True) -> None:
+        """Serves Prometheus metrics at ``path``: task counters, durations and
+        waits by task name, priority and queue; queue depths; workers; HTTP
+        requests and latency by route template. Call before ``listen``."""
+        from . import metrics
+
+        reg = metrics.registry(self, process=process_metrics)
+
+        def serve_metrics() -> Response:
+            return Response(metrics.render(reg), content_type=metrics.CONTENT_TYPE_LATEST)
+
+        self.route(path)(serve_metrics)
+
+    def enable_dashboard(self, path: str = "/_catzilla", token: str | None = None) -> Dashboard:
+        """Serves the live dashboard at ``path``. With ``token``, every
+        request needs it (``Authorization: Bearer <token>``, or the login
+        form's cookie); without one, the dashboard is served only on a
+        loopback address (``listen`` refuses any other). Call before ``listen``."""
+        if self._dashboard is not None:
+            raise RuntimeError(f"the dashboard is already enabled at {self._dashboard.path}")
+        self._dashboard = Dashboard(self, path, token)
+        self._dashboard.install()
+        return self._dashboard
 
     def _engine(self) -> BackgroundTasks:
         tasks = self.tasks
@@ -277,6 +357,7 @@ class Catzilla:
         if tasks.is_forked:
             # A child of os.fork(): the parent's engine threads did not follow.
             tasks = self.tasks = BackgroundTasks(**self._task_options)
+            self._apply_observation(tasks)
         return tasks
 
     def add_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskResult:

@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Union
 
 from ._catzilla import STREAM_GONE, STREAM_SENT, StreamingResponse, StreamSink
@@ -142,7 +142,9 @@ class ServerSentEvent:
                 not isinstance(value, str) or any(c in value for c in "\r\n\0")
             ):
                 raise ValueError(f"{name} must be a str without line breaks or NUL, got {value!r}")
-        if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
+        if retry is not None and (
+            isinstance(retry, bool) or not isinstance(retry, int) or retry < 0
+        ):
             raise ValueError(f"retry must be an int of milliseconds >= 0, got {retry!r}")
         self.data = data
         self.event = event
@@ -208,9 +210,12 @@ async def _events(content: Any, ping: float | None) -> AsyncIterator[str]:
             return loop.create_task(anext(iterator, _END))
     else:
         plain = iter(content)
+        running: Future[Any] | None = None  # the next() call on its thread
 
         def step() -> Any:
-            return loop.run_in_executor(_sse_executor(), next, plain, _END)
+            nonlocal running
+            running = _sse_executor().submit(next, plain, _END)
+            return asyncio.wrap_future(running, loop=loop)
 
     pending: asyncio.Future[Any] | None = None
     try:
@@ -230,16 +235,29 @@ async def _events(content: Any, ping: float | None) -> AsyncIterator[str]:
         if pending is not None:
             pending.cancel()
         if hasattr(content, "__aiter__"):
+            if pending is not None:
+                # aclose() raises while anext() is still inside the generator:
+                # let the cancellation reach it first.
+                await asyncio.wait({pending})
             await _aclose(iterator)
         else:
             close = getattr(plain, "close", None)
             if close is not None:
-                # NOTE: a generator still running next() on its thread
-                # cannot be closed now; it is closed when that call returns.
-                if pending is None or pending.done():
-                    close()
+                # NOTE: a generator still running next() on its thread cannot
+                # be closed now; it is closed on that thread when the call
+                # returns (at once if it has returned, or never started). This
+                # does not need the event loop, which may be stopping.
+                if running is None:
+                    _close_plain(close)
                 else:
-                    pending.add_done_callback(lambda _: close())
+                    running.add_done_callback(lambda _: _close_plain(close))
+
+
+def _close_plain(close: Any) -> None:
+    try:
+        close()
+    except Exception:
+        logger.exception("closing a streaming response's content raised")
 
 
 class EventSourceResponse(StreamingResponse):
@@ -260,7 +278,9 @@ class EventSourceResponse(StreamingResponse):
         *,
         ping: float | None = 15.0,
     ) -> EventSourceResponse:
-        if ping is not None and (isinstance(ping, bool) or not isinstance(ping, (int, float)) or not ping > 0):
+        if ping is not None and (
+            isinstance(ping, bool) or not isinstance(ping, (int, float)) or not ping > 0
+        ):
             raise ValueError(f"ping must be a number of seconds > 0 or None, got {ping!r}")
         if not (hasattr(content, "__aiter__") or hasattr(content, "__iter__")) or isinstance(
             content, (str, bytes)

@@ -3,6 +3,7 @@
 pub mod access;
 pub mod forwarded;
 pub mod json;
+pub mod metrics;
 pub mod request;
 pub mod response;
 pub mod router;

@@ -19,6 +19,8 @@ pub struct Router {
     tree: matchit::Router<usize>,
     paths: Vec<BTreeMap<String, usize>>,
     by_pattern: BTreeMap<String, usize>,
+    /// Each handler's route template, by handler index.
+    templates: BTreeMap<usize, String>,
 }
 
 /// The parameter names of a route template (`{name}`, and a trailing
@@ -82,7 +84,13 @@ impl Router {
         if self.paths[slot].insert(method.clone(), handler).is_some() {
             return Err(format!("route {method} {path} is defined twice"));
         }
+        self.templates.insert(handler, path.to_string());
         Ok(())
+    }
+
+    /// The route template a handler was added with.
+    pub fn template(&self, handler: usize) -> Option<&str> {
+        self.templates.get(&handler).map(String::as_str)
     }
 
     /// Finds the route for a request path as received (percent-encoded).

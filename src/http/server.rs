@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use super::access::AccessLog;
 use super::forwarded::TrustedProxies;
 use super::http_runtime;
+use super::metrics::{HttpMetrics, RouteReading};
 use super::request::Request;
 use super::response::{error_response, to_http, HttpResponse, Streams};
 use super::router::{Match, Router};
@@ -80,6 +81,8 @@ struct Shared {
     /// Proxies whose `X-Forwarded-For` names the client.
     trusted: TrustedProxies,
     access: Option<AccessLog>,
+    /// Request counts and latencies, when metrics are on.
+    metrics: Option<HttpMetrics>,
     /// Raised when the server stops: streaming bodies end.
     stopping: watch::Sender<bool>,
 }
@@ -186,7 +189,7 @@ pub struct Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout, body_read_timeout, max_pending_requests, max_connections, access_log=false, forwarded_allow_ips=Vec::new()))]
+    #[pyo3(signature = (*, routes, max_body_size, handler_threads, io_threads, header_read_timeout, body_read_timeout, max_pending_requests, max_connections, access_log=false, forwarded_allow_ips=Vec::new(), metrics=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -200,14 +203,15 @@ impl Server {
         max_connections: usize,
         access_log: bool,
         forwarded_allow_ips: Vec<String>,
+        metrics: bool,
     ) -> PyResult<Self> {
         let trusted = TrustedProxies::parse(&forwarded_allow_ips)
             .map_err(|e| PyValueError::new_err(format!("forwarded_allow_ips: {e}")))?;
         let access = if access_log {
             let sink = http_runtime(py)?.access.clone_ref(py);
-            let log = AccessLog::start(sink).map_err(|e| {
-                PyRuntimeError::new_err(format!("cannot start the access log thread: {e}"))
-            })?;
+            let log = AccessLog::start("catzilla-access", sink, super::access::CAPACITY).map_err(
+                |e| PyRuntimeError::new_err(format!("cannot start the access log thread: {e}")),
+            )?;
             Some(log)
         } else {
             None
@@ -243,6 +247,7 @@ impl Server {
                 trusted,
                 access,
                 stopping: watch::channel(false).0,
+                metrics: metrics.then(HttpMetrics::default),
             }),
             handler_threads,
             io_threads,
@@ -307,6 +312,17 @@ impl Server {
             }
             py.check_signals()?;
         }
+    }
+
+    /// Request counts by route template, method and status, with latency
+    /// buckets cumulative at `bounds` (seconds); empty unless metrics are on.
+    fn http_metrics(&self, bounds: Vec<f64>) -> Vec<RouteReading> {
+        let router = &self.shared.router;
+        self.shared
+            .metrics
+            .as_ref()
+            .map(|m| m.read(&bounds, |h| router.template(h)))
+            .unwrap_or_default()
     }
 
     /// Asks `serve` to return; safe from signal handlers and any thread.
@@ -573,12 +589,21 @@ async fn serve_one(
     req: http::Request<Incoming>,
 ) -> Result<HttpResponse, Infallible> {
     let client = shared.trusted.client(peer, req.headers());
-    let Some(access) = &shared.access else {
-        return handle(shared.clone(), client, req).await.map(with_server);
-    };
+    let mut route = None;
+    if shared.access.is_none() && shared.metrics.is_none() {
+        return handle(shared.clone(), client, req, &mut route)
+            .await
+            .map(with_server);
+    }
     let started = Instant::now();
     let (method, uri, version) = (req.method().clone(), req.uri().clone(), req.version());
-    let resp = with_server(handle(shared.clone(), client, req).await?);
+    let resp = with_server(handle(shared.clone(), client, req, &mut route).await?);
+    if let Some(metrics) = &shared.metrics {
+        metrics.record(route, &method, resp.status().as_u16(), started.elapsed());
+    }
+    let Some(access) = &shared.access else {
+        return Ok(resp);
+    };
     let bytes = hyper::body::Body::size_hint(resp.body()).exact();
     access.record(super::access::line(
         client,
@@ -596,6 +621,7 @@ async fn handle(
     shared: Arc<Shared>,
     peer: Option<SocketAddr>,
     req: http::Request<Incoming>,
+    route: &mut Option<usize>,
 ) -> Result<HttpResponse, Infallible> {
     let (parts, body) = req.into_parts();
     if let Some(coding) = super::request::unsupported_transfer_coding(&parts.headers) {
@@ -615,7 +641,10 @@ async fn handle(
         .router
         .lookup(parts.method.as_str(), parts.uri.path())
     {
-        Match::Found { handler, params } => (handler, params),
+        Match::Found { handler, params } => {
+            *route = Some(handler);
+            (handler, params)
+        }
         Match::NotFound => {
             return Ok(error_response(
                 404,

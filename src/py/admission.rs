@@ -12,7 +12,7 @@ use pyo3::types::{PyDict, PyTuple};
 use super::args;
 use super::runtime::runtime;
 use super::shared::Shared;
-use super::task::{Call, NewTask, Status};
+use super::task::{Call, Job, NewTask, Status};
 use crate::errors::{describe, Error};
 use crate::store::Row;
 
@@ -255,27 +255,63 @@ pub fn prepare(
     if let Some(v) = timeout_ms {
         timeout = timeout_of(args::millis("timeout_ms", v)?);
     }
-    let kw_len = kwargs.map_or(0, |k| k.len()) as u64;
-    let footprint = 200 + 8 * args.len() as u64 + if kw_len > 0 { 100 + 48 * kw_len } else { 0 };
+    let queue = match queue {
+        Some(q) => Some(queue_name(q)?),
+        None => queue_name_declared,
+    };
+    let call = Call {
+        func: func.unbind(),
+        args: args.clone().unbind(),
+        kwargs: kwargs.filter(|k| !k.is_empty()).map(|k| k.clone().unbind()),
+        no_retry,
+    };
+    let options = (lane, retries, timeout);
+    build(py, shared, call, options, delay, queue)
+}
+
+/// A failed task's call, queued again as a new task with the same
+/// priority, retries, timeout and queue.
+pub fn prepare_retry(py: Python<'_>, shared: &Arc<Shared>, job: &Job) -> PyResult<Prepared> {
+    let Some((func, args, kwargs, no_retry)) = job.call_parts(py) else {
+        return Err(Error::Usage(format!(
+            "task {} cannot be retried here: its call is not kept in this process",
+            job.id()
+        ))
+        .into());
+    };
+    let call = Call {
+        func,
+        args,
+        kwargs,
+        no_retry,
+    };
+    let queue = job.series.get().map(|s| s.queue.to_string());
+    let options = (job.lane, job.max_retries, job.timeout);
+    build(py, shared, call, options, Duration::ZERO, queue)
+}
+
+fn build(
+    py: Python<'_>,
+    shared: &Arc<Shared>,
+    call: Call,
+    (lane, max_retries, timeout): (usize, u32, Option<Duration>),
+    delay: Duration,
+    queue: Option<String>,
+) -> PyResult<Prepared> {
+    let rt = runtime(py)?;
+    let kw_len = call.kwargs.as_ref().map_or(0, |k| k.bind(py).len()) as u64;
+    let args_len = call.args.bind(py).len() as u64;
+    let footprint = 200 + 8 * args_len + if kw_len > 0 { 100 + 48 * kw_len } else { 0 };
     let task = NewTask {
         seq: shared.next_seq.fetch_add(1, SeqCst),
         prefix: shared.prefix,
         lane,
-        max_retries: retries,
+        max_retries,
         timeout,
         delayed: !delay.is_zero(),
         footprint,
-        call: Call {
-            func: func.unbind(),
-            args: args.clone().unbind(),
-            kwargs: kwargs.filter(|k| !k.is_empty()).map(|k| k.clone().unbind()),
-            no_retry,
-        },
+        call,
         callbacks: Vec::new(),
-    };
-    let queue = match queue {
-        Some(q) => Some(queue_name(q)?),
-        None => queue_name_declared,
     };
     let row = match &shared.store {
         Some(_) => Some(durable_row(

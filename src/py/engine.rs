@@ -161,6 +161,7 @@ impl Engine {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             profiling: enable_profiling,
             profile: Mutex::new(HashMap::new()),
+            observer: super::observe::Observer::default(),
             born: super::fork::Born::here(),
         });
         let cfg = PoolConfig {
@@ -554,10 +555,116 @@ impl Engine {
         };
         *self.stopper.lock() = Some(me);
         let ran = self.shutdown_once(py, wait_for_completion, timeout);
+        // The hooks hear of the last tasks before shutdown returns.
+        py.detach(|| self.shared.observer.close());
         *self.stopper.lock() = None;
         ran
     }
+
+    /// Queues a failed task's call again, as a new task with the same
+    /// priority, retries, timeout and queue; `ValueError` for a task that
+    /// is unknown, not failed, or whose call this process does not hold.
+    fn _retry(&self, py: Python<'_>, task_id: &str) -> PyResult<TaskResult> {
+        self.shared.born.check()?;
+        let job = self.shared.lookup(task_id).ok_or_else(|| {
+            Error::Usage(format!(
+                "task_id {task_id:?} names no task this engine holds"
+            ))
+        })?;
+        let status = job.status();
+        if status != Status::Failed {
+            return Err(Error::Usage(format!(
+                "task {task_id} is {}; only a failed task can be retried",
+                status.as_str()
+            ))
+            .into());
+        }
+        let p = super::admission::prepare_retry(py, &self.shared, &job)?;
+        let job = self.shared.submit(p.task, p.delay, p.row)?;
+        Ok(TaskResult::of(job, &self.shared))
+    }
+
+    /// Turns on per-series counts (by task name, priority and queue).
+    fn _observe(&self) -> PyResult<()> {
+        self.shared.born.check()?;
+        self.shared.observer.enable();
+        Ok(())
+    }
+
+    /// Hands task events to `sink(batch, dropped)` on a thread of its own
+    /// (observation turns on); None stops.
+    fn _set_event_sink(&self, py: Python<'_>, sink: Option<Py<PyAny>>) -> PyResult<()> {
+        self.shared.born.check()?;
+        self.shared.observer.set_sink(py, sink).map_err(|e| {
+            pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "cannot start the task events thread: {e}"
+            ))
+        })
+    }
+
+    /// Every series: `(name, lane, queue, counts by event name,
+    /// duration (buckets, count, sum), wait (buckets, count, sum))`, the
+    /// buckets cumulative at `bounds` (seconds, ascending).
+    #[allow(clippy::type_complexity)]
+    fn _series(
+        &self,
+        py: Python<'_>,
+        bounds: Vec<f64>,
+    ) -> PyResult<Vec<(String, usize, String, Py<PyDict>, Timings, Timings)>> {
+        self.shared.born.check()?;
+        let timing = |t: &Mutex<Option<crate::tasks::series::Timing>>| {
+            t.lock()
+                .as_ref()
+                .map_or_else(|| (vec![0; bounds.len()], 0, 0.0), |t| t.buckets(&bounds))
+        };
+        let read: Vec<_> = self
+            .shared
+            .observer
+            .table()
+            .all()
+            .into_iter()
+            .map(|s| {
+                let counts: Vec<(&'static str, u64)> = crate::tasks::series::Event::ALL
+                    .iter()
+                    .map(|e| (e.name(), s.counted(*e)))
+                    .collect();
+                let (duration, wait) = (timing(&s.duration), timing(&s.wait));
+                (s, counts, duration, wait)
+            })
+            .collect();
+        read.into_iter()
+            .map(|(s, counts, duration, wait)| {
+                let d = PyDict::new(py);
+                for (k, v) in counts {
+                    d.set_item(k, v)?;
+                }
+                Ok((
+                    s.name.to_string(),
+                    s.lane,
+                    s.queue.to_string(),
+                    d.unbind(),
+                    duration,
+                    wait,
+                ))
+            })
+            .collect()
+    }
+
+    /// Run-time percentiles (p50, p95, p99) in ms over every observed attempt.
+    fn _latency(&self) -> PyResult<(f64, f64, f64)> {
+        self.shared.born.check()?;
+        let merged = self.shared.observer.table().merged_durations();
+        Ok(merged
+            .filter(|h| !h.is_empty())
+            .map_or((0.0, 0.0, 0.0), |h| {
+                let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+                (ms(0.5), ms(0.95), ms(0.99))
+            }))
+    }
 }
+
+/// A histogram as cumulative bucket counts, count and sum (seconds).
+type Timings = (Vec<u64>, u64, f64);
 
 impl Engine {
     /// The first shutdown stops the engine and keeps its report; later ones

@@ -16,7 +16,10 @@ use super::task::{epoch_now, import_name, Job, Outcome, Status};
 use crate::interpreter::{is_awaitable, lazy_event_loop, AsyncOutcome, ParkOnForcedUnwind};
 use crate::tasks::pool::{Runner, WorkerSlot};
 use crate::tasks::scheduler::Pop;
+use crate::tasks::series::Event;
 use crate::tasks::stats::{new_histogram, record_micros};
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 
 /// NOTE: a worker runs ready tasks back to back for up to 2 ms under one
 /// attach; with 5 ms (CPython's switch interval) other threads waited too long.
@@ -33,6 +36,7 @@ impl Shared {
             store.started(job.id(), epoch_now());
         }
         if let Some(row) = job.take_stored() {
+            self.observer.attach_stored(&job, &row.name, &row.queue);
             match super::store_bridge::resolve_call(py, rt, &row) {
                 Ok(call) => job.set_call(call),
                 Err(reason) => {
@@ -50,6 +54,12 @@ impl Shared {
             self.finish_one(py);
             return;
         };
+        if self.observer.is_on() {
+            if attempt == 1 {
+                self.observer.waited(&job, job.created.elapsed());
+            }
+            self.observer.record(&job, Event::Started, None, None);
+        }
         let token = self.next_token.fetch_add(1, SeqCst);
         if let Some(limit) = job.timeout {
             self.watchdog.arm(&slot.deadline, limit, token);
@@ -77,7 +87,7 @@ impl Shared {
         match result {
             Ok(_) if returned_itself => {
                 // Awaiting it would wait for itself until its timeout, and again on each retry.
-                record_micros(&mut slot.histogram.lock(), started.elapsed());
+                self.ran(&job, &slot.histogram, started.elapsed());
                 let exc = pyo3::exceptions::PyRuntimeError::new_err(format!(
                     "task {} returned its own handle; a task cannot wait for itself",
                     job.id()
@@ -87,11 +97,11 @@ impl Shared {
             }
             Ok(value) if awaitable => self.start_async(py, rt, job, value, attempt),
             Ok(value) => {
-                record_micros(&mut slot.histogram.lock(), started.elapsed());
+                self.ran(&job, &slot.histogram, started.elapsed());
                 self.succeed(py, rt, job, value);
             }
             Err(err) => {
-                record_micros(&mut slot.histogram.lock(), started.elapsed());
+                self.ran(&job, &slot.histogram, started.elapsed());
                 let exc = self.attempt_error(py, rt, &job, err);
                 self.fail_attempt(py, rt, job, exc, no_retry);
             }
@@ -155,11 +165,23 @@ impl Shared {
     fn timeout_error<'py>(&self, py: Python<'py>, rt: &Runtime, job: &Job) -> Bound<'py, PyAny> {
         self.counters.timed_out.fetch_add(1, SeqCst);
         let ms = job.timeout.map_or(0, |t| t.as_millis());
-        rt.make_error(
+        let exc = rt.make_error(
             py,
             &rt.timeout_error,
             format!("task {} exceeded its timeout of {ms} ms", job.id()),
-        )
+        );
+        self.observer
+            .record(job, Event::TimedOut, job.last_run(), Some(&exc));
+        exc
+    }
+
+    /// One attempt's run time: the workers' histogram, the task's last run
+    /// and its series.
+    fn ran(&self, job: &Job, histogram: &Mutex<Histogram<u64>>, took: Duration) {
+        record_micros(&mut histogram.lock(), took);
+        job.last_run_us
+            .store((took.as_micros() as u64).max(1), SeqCst);
+        self.observer.ran(job, took);
     }
 
     /// Hands a coroutine (or other awaitable) to the engine's event loop.
@@ -233,6 +255,8 @@ impl Shared {
             match self.sched.requeue(job.lane, job.clone(), delay) {
                 Ok(()) => {
                     self.counters.retried.fetch_add(1, SeqCst);
+                    self.observer
+                        .record(&job, Event::Retrying, job.last_run(), Some(&exc));
                     return;
                 }
                 Err(_) => job.set_status(Status::Running),
@@ -344,8 +368,8 @@ impl Shared {
     ) -> PyResult<()> {
         let rt = runtime(py)?;
         self.counters.async_running.fetch_sub(1, SeqCst);
-        record_micros(&mut self.async_histogram.lock(), done.started.elapsed());
         let job = done.job.clone();
+        self.ran(&job, &self.async_histogram, done.started.elapsed());
         if job.attempts() != done.attempt {
             return Ok(());
         }

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod execution;
 pub mod fork;
 pub mod handle;
+pub mod observe;
 pub mod periodic;
 pub mod runtime;
 pub mod shared;

@@ -22,6 +22,7 @@ use crate::tasks::backoff::{Backoff, Rng};
 use crate::tasks::pool::Pool;
 use crate::tasks::queue::Queue;
 use crate::tasks::scheduler::Rejected;
+use crate::tasks::series::Event;
 use crate::tasks::stats::{RateWindow, Sample, Sampler};
 use crate::tasks::sysinfo::process_cpu_ns;
 use crate::tasks::watchdog::Watchdog;
@@ -93,6 +94,8 @@ pub struct Shared {
     pub(crate) profiling: bool,
     /// Per-function run times and failures, kept when profiling is on.
     pub(crate) profile: Mutex<HashMap<String, (Histogram<u64>, u64)>>,
+    /// Per-series counts and task events, once asked for.
+    pub(crate) observer: super::observe::Observer,
 }
 
 impl Owner for Shared {
@@ -256,6 +259,18 @@ impl Shared {
             return;
         };
         drop(call);
+        if self.observer.is_on() {
+            let (event, ran) = match status {
+                Status::Completed => (Event::Succeeded, job.last_run()),
+                Status::Failed => (Event::Failed, job.last_run()),
+                _ => (Event::Cancelled, None),
+            };
+            let error = match status {
+                Status::Failed => job.outcome_object(py).map(|(_, e)| e),
+                _ => None,
+            };
+            self.observer.record(&job, event, ran, error.as_ref());
+        }
         if let Some(queue) = &self.store_queue {
             queue.settled(&job);
         }
@@ -360,6 +375,15 @@ impl Shared {
         let footprint = task.footprint;
         let key = (task.prefix, task.seq);
         let job = Arc::new(TaskState::new(task));
+        if self.observer.is_on() {
+            Python::attach(|py| {
+                let func = job.call_parts(py).map(|parts| parts.0);
+                if let Some(func) = func {
+                    let queue = row.as_ref().map(|r| r.queue.as_str());
+                    self.observer.attach(&job, func.bind(py), queue);
+                }
+            });
+        }
         let replaced = self.shard(key).lock().insert(key, job.clone());
         drop(replaced); // outside the lock: dropping Python objects may run Python
         if let (Some(store), Some(_)) = (&self.store, &row) {
@@ -380,6 +404,7 @@ impl Shared {
                 }
                 self.counters.submitted.fetch_add(1, SeqCst);
                 self.counters.pending_bytes.fetch_add(footprint, SeqCst);
+                self.observer.record(&job, Event::Submitted, None, None);
                 if all_busy {
                     if let Some(pool) = self.pool() {
                         pool.maybe_grow();

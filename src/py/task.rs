@@ -79,6 +79,10 @@ pub struct TaskState {
     attempts: AtomicU32,
     /// When the first attempt started, in ns from the clock anchor; 0: never.
     pub(super) first_start_ns: AtomicU64,
+    /// How long the last attempt ran, in µs.
+    pub last_run_us: AtomicU64,
+    /// Its name, lane and queue's counts, while observation is on.
+    pub series: std::sync::OnceLock<Arc<crate::tasks::series::Series>>,
     pub(super) inner: Mutex<Inner>,
     pub(super) done: Condvar,
 }
@@ -198,6 +202,8 @@ impl TaskState {
             status: AtomicU8::new(status as u8),
             attempts: AtomicU32::new(0),
             first_start_ns: AtomicU64::new(0),
+            last_run_us: AtomicU64::new(0),
+            series: std::sync::OnceLock::new(),
             inner: Mutex::new(Inner {
                 call: Some(t.call),
                 func: None,
@@ -233,6 +239,8 @@ impl TaskState {
             status: AtomicU8::new(Status::Pending as u8),
             attempts: AtomicU32::new(attempts),
             first_start_ns: AtomicU64::new(0),
+            last_run_us: AtomicU64::new(0),
+            series: std::sync::OnceLock::new(),
             inner: Mutex::new(Inner {
                 call: None,
                 func: None,
@@ -295,6 +303,14 @@ impl TaskState {
         );
     }
 
+    /// How long the last attempt ran, if one did.
+    pub fn last_run(&self) -> Option<Duration> {
+        match self.last_run_us.load(SeqCst) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
     pub fn attempts(&self) -> u32 {
         self.attempts.load(SeqCst)
     }
@@ -349,9 +365,14 @@ impl TaskState {
             return None;
         }
         inner.outcome = outcome;
-        let call = inner.call.take();
-        // The function stays (for `name`); the arguments go.
-        inner.func = call.as_ref().map(|c| c.func.clone_ref(py));
+        // The function stays (for `name`); the arguments go, except for a
+        // failed task's, which it keeps so that it can be retried.
+        inner.func = inner.call.as_ref().map(|c| c.func.clone_ref(py));
+        let call = if status == Status::Failed {
+            None
+        } else {
+            inner.call.take()
+        };
         inner.finished_ns = Some(anchor_ns(Instant::now()));
         if status == Status::Completed {
             inner.progress = 100.0;

@@ -6,6 +6,7 @@ pub mod periodic;
 pub mod pool;
 pub mod queue;
 pub mod scheduler;
+pub mod series;
 pub mod stats;
 pub mod status;
 pub mod sysinfo;

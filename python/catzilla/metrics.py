@@ -1,0 +1,210 @@
+"""Prometheus metrics of an app: its tasks (by name, priority and queue), its
+queue depths and workers, and its HTTP requests (by route template, method
+and status).
+
+``app.enable_metrics()`` serves them at ``/metrics``; ``collector(app)`` is
+the same data as a ``prometheus_client`` collector, for apps that already
+keep a registry of their own::
+
+    from prometheus_client import REGISTRY
+    REGISTRY.register(catzilla.metrics.collector(app))
+
+Values are read from the engine and server at scrape time: collecting costs
+the app nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .enums import TaskPriority
+
+if TYPE_CHECKING:
+    from .app import Catzilla
+
+__all__ = ["CONTENT_TYPE_LATEST", "TASK_BUCKETS", "HTTP_BUCKETS", "collector", "render"]
+
+#: Bucket bounds (seconds) of the task duration and wait histograms.
+TASK_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+#: Bucket bounds (seconds) of the HTTP latency histogram.
+HTTP_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+_LANES = tuple(p.name.lower() for p in TaskPriority)
+
+#: Counter name suffix and help text for each counted task event.
+_TASK_COUNTERS = (
+    ("submitted", "submitted", "Tasks queued"),
+    ("succeeded", "completed", "Tasks that finished with a result"),
+    ("failed", "failed", "Tasks that failed after their last attempt"),
+    ("retrying", "retried", "Failed attempts that were retried"),
+    ("timed_out", "timed_out", "Attempts stopped by their timeout"),
+    ("cancelled", "cancelled", "Tasks cancelled before they finished"),
+)
+_TASK_LABELS = ("task", "priority", "queue")
+
+
+def _buckets(bounds: tuple[float, ...], counts: list[int], total: int) -> list[tuple[str, float]]:
+    out = [(repr(float(b)), float(c)) for b, c in zip(bounds, counts, strict=True)]
+    out.append(("+Inf", float(total)))
+    return out
+
+
+class CatzillaCollector(Collector):
+    """Reads an app's engine and server each time it is collected."""
+
+    def __init__(self, app: Catzilla) -> None:
+        self._app = app
+        app._observe_tasks()
+        app._http_metrics = True
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._tasks()
+        yield from self._http()
+
+    def _tasks(self) -> Iterator[Metric]:
+        engine = self._app.tasks
+        if engine is None or engine.is_forked:
+            return
+        counters = {
+            event: CounterMetricFamily(f"catzilla_tasks_{name}", doc, labels=_TASK_LABELS)
+            for event, name, doc in _TASK_COUNTERS
+        }
+        duration = HistogramMetricFamily(
+            "catzilla_task_duration_seconds", "How long task attempts ran", labels=_TASK_LABELS
+        )
+        wait = HistogramMetricFamily(
+            "catzilla_task_wait_seconds",
+            "How long tasks waited from being queued to their first start",
+            labels=_TASK_LABELS,
+        )
+        for name, lane, queue, counts, ran, waited in engine._series(list(TASK_BUCKETS)):
+            labels = [name, _LANES[lane], queue]
+            for event, family in counters.items():
+                family.add_metric(labels, counts[event])
+            duration.add_metric(labels, _buckets(TASK_BUCKETS, ran[0], ran[1]), ran[2])
+            wait.add_metric(labels, _buckets(TASK_BUCKETS, waited[0], waited[1]), waited[2])
+        yield from counters.values()
+        yield duration
+        yield wait
+        stats = engine.get_stats()
+        depth = GaugeMetricFamily(
+            "catzilla_queue_depth", "Tasks waiting, by priority lane", labels=["lane"]
+        )
+        for lane in _LANES:
+            depth.add_metric([lane], getattr(stats, f"{lane}_queue_size"))
+        depth.add_metric(["scheduled"], stats.scheduled_tasks)
+        yield depth
+        yield GaugeMetricFamily(
+            "catzilla_tasks_running", "Tasks running now", value=stats.running_tasks
+        )
+        workers = GaugeMetricFamily("catzilla_workers", "Worker threads", labels=["state"])
+        workers.add_metric(["busy"], stats.active_workers)
+        workers.add_metric(["idle"], stats.idle_workers)
+        yield workers
+
+    def _http(self) -> Iterator[Metric]:
+        server = self._app._server
+        if server is None:
+            return
+        requests = CounterMetricFamily(
+            "catzilla_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            labels=["route", "method", "status"],
+        )
+        latency = HistogramMetricFamily(
+            "catzilla_http_request_duration_seconds",
+            "Time from a request's arrival to its response's headers",
+            labels=["route", "method"],
+        )
+        for route, method, statuses, counts, total, seconds in server.http_metrics(
+            list(HTTP_BUCKETS)
+        ):
+            for status, n in statuses:
+                requests.add_metric([route, method, str(status)], n)
+            latency.add_metric([route, method], _buckets(HTTP_BUCKETS, counts, total), seconds)
+        yield requests
+        yield latency
+
+
+def collector(app: Catzilla) -> CatzillaCollector:
+    """A ``prometheus_client`` collector of ``app``'s metrics (turns their
+    collection on), to register in a registry of your own."""
+    return CatzillaCollector(app)
+
+
+def registry(app: Catzilla, *, process: bool = True) -> CollectorRegistry:
+    """A registry with ``app``'s metrics and, with ``process``, the standard
+    process and platform ones."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector(app))
+    if process:
+        ProcessCollector(registry=reg)
+        PlatformCollector(registry=reg)
+    return reg
+
+
+def render(reg: CollectorRegistry) -> bytes:
+    """The text exposition of a registry."""
+    return generate_latest(reg)
+
+
+def http_totals(app: Catzilla) -> dict[str, Any] | None:
+    """Requests answered and those answered 5xx, over every route; None
+    without a running server."""
+    server = app._server
+    if server is None:
+        return None
+    total = errors = 0
+    for _, _, statuses, _, _, _ in server.http_metrics([]):
+        for status, n in statuses:
+            total += n
+            if status >= 500:
+                errors += n
+    return {"total": total, "errors": errors}

@@ -1,0 +1,203 @@
+//! Observation: per-series counts and timings (for metrics and the
+//! dashboard) and task events handed to Python hooks. Both are off until
+//! asked for, and then cost the workers a few atomic counts, a lock per
+//! timing and, with hooks, one channel send per event; the hooks run on a
+//! `Batcher` thread of their own.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use super::task::{epoch_now, import_name, Job};
+use crate::batch::Batcher;
+use crate::tasks::series::{Event, Series, SeriesTable};
+
+/// Events waiting for the hooks' thread; beyond this they are counted and
+/// the count is reported with the next batch.
+const EVENT_CAPACITY: usize = 64 * 1024;
+
+/// One event, as the hooks' dispatcher receives it.
+pub struct EventRecord {
+    event: Event,
+    task_id: String,
+    series: Arc<Series>,
+    attempt: u32,
+    duration: Option<Duration>,
+    error: Option<Py<PyAny>>,
+    at: f64,
+}
+
+impl<'py> IntoPyObject<'py> for EventRecord {
+    type Target = PyTuple;
+    type Output = Bound<'py, PyTuple>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        (
+            self.event.name(),
+            self.task_id,
+            &*self.series.name,
+            self.series.lane,
+            &*self.series.queue,
+            self.attempt,
+            self.duration.map(|d| d.as_secs_f64()),
+            self.error,
+            self.at,
+        )
+            .into_pyobject(py)
+    }
+}
+
+/// A function's name, cached by the identity of its `__module__` and
+/// `__qualname__` strings (kept alive here, so the identity stays theirs).
+type NameCache = HashMap<(usize, usize), (Py<PyAny>, Py<PyAny>, Arc<str>)>;
+
+#[derive(Default)]
+pub struct Observer {
+    on: AtomicBool,
+    table: SeriesTable,
+    names: Mutex<NameCache>,
+    events: Mutex<Option<Arc<Batcher<EventRecord>>>>,
+    hooked: AtomicBool,
+}
+
+fn default_queue() -> Arc<str> {
+    static DEFAULT: OnceLock<Arc<str>> = OnceLock::new();
+    DEFAULT
+        .get_or_init(|| Arc::from(crate::store::DEFAULT_QUEUE))
+        .clone()
+}
+
+impl Observer {
+    pub fn enable(&self) {
+        self.on.store(true, Relaxed);
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.on.load(Relaxed)
+    }
+
+    pub fn table(&self) -> &SeriesTable {
+        &self.table
+    }
+
+    /// Hands events to `sink(batch, dropped)` from now on (observation
+    /// turns on); None stops, after the events already queued.
+    pub fn set_sink(&self, py: Python<'_>, sink: Option<Py<PyAny>>) -> std::io::Result<()> {
+        let started = match sink {
+            Some(sink) => {
+                self.enable();
+                Some(Arc::new(Batcher::start(
+                    "catzilla-events",
+                    sink,
+                    EVENT_CAPACITY,
+                )?))
+            }
+            None => None,
+        };
+        self.hooked.store(started.is_some(), Relaxed);
+        let old = std::mem::replace(&mut *self.events.lock(), started);
+        if let Some(old) = old {
+            py.detach(|| old.close(Duration::from_secs(5)));
+        }
+        Ok(())
+    }
+
+    /// Stops the hooks' thread after it handed over what is queued. Call
+    /// detached.
+    pub fn close(&self) {
+        self.hooked.store(false, Relaxed);
+        let events = self.events.lock().take();
+        if let Some(events) = events {
+            events.close(Duration::from_secs(5));
+        }
+    }
+
+    fn name_of(&self, func: &Bound<'_, PyAny>) -> Arc<str> {
+        let module = func.getattr(pyo3::intern!(func.py(), "__module__")).ok();
+        let qualname = func.getattr(pyo3::intern!(func.py(), "__qualname__")).ok();
+        let (Some(module), Some(qualname)) = (module, qualname) else {
+            return Arc::from(import_name(func));
+        };
+        let key = (module.as_ptr() as usize, qualname.as_ptr() as usize);
+        if let Some((_, _, name)) = self.names.lock().get(&key) {
+            return name.clone();
+        }
+        let name: Arc<str> = Arc::from(import_name(func));
+        self.names
+            .lock()
+            .insert(key, (module.unbind(), qualname.unbind(), name.clone()));
+        name
+    }
+
+    /// Gives a new task its series (by its function and queue).
+    pub fn attach(&self, job: &Job, func: &Bound<'_, PyAny>, queue: Option<&str>) {
+        if !self.is_on() {
+            return;
+        }
+        let name = self.name_of(func);
+        let queue = queue.map_or_else(default_queue, Arc::from);
+        let _ = job.series.set(self.table.get(&name, job.lane, &queue));
+    }
+
+    /// Gives a task claimed from the store its series, by its stored name.
+    pub fn attach_stored(&self, job: &Job, name: &str, queue: &str) {
+        if self.is_on() && job.series.get().is_none() {
+            let _ = job.series.set(
+                self.table
+                    .get(&Arc::from(name), job.lane, &Arc::from(queue)),
+            );
+        }
+    }
+
+    /// Counts `event` for `job` and hands it to the hooks, if any.
+    pub fn record(
+        &self,
+        job: &Job,
+        event: Event,
+        duration: Option<Duration>,
+        error: Option<&Bound<'_, PyAny>>,
+    ) {
+        if !self.is_on() {
+            return;
+        }
+        let Some(series) = job.series.get() else {
+            return;
+        };
+        series.count(event);
+        if !self.hooked.load(Relaxed) {
+            return;
+        }
+        let events = self.events.lock().clone();
+        if let Some(events) = events {
+            events.record(EventRecord {
+                event,
+                task_id: job.id(),
+                series: series.clone(),
+                attempt: job.attempts(),
+                duration,
+                error: error.map(|e| e.clone().unbind()),
+                at: epoch_now(),
+            });
+        }
+    }
+
+    /// One attempt's run time.
+    pub fn ran(&self, job: &Job, took: Duration) {
+        if let (true, Some(series)) = (self.is_on(), job.series.get()) {
+            series.ran(took);
+        }
+    }
+
+    /// The wait from being queued to the first start.
+    pub fn waited(&self, job: &Job, took: Duration) {
+        if let (true, Some(series)) = (self.is_on(), job.series.get()) {
+            series.waited(took);
+        }
+    }
+}
