@@ -1,6 +1,6 @@
 """Type stubs for catzilla's native module, ``catzilla._catzilla``."""
 
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterable, Callable, Generator, Iterable
 from typing import Any, Self, final
 
 from typing_extensions import disjoint_base
@@ -305,6 +305,31 @@ class Engine:
         """Stops intake, lets work finish up to ``timeout`` seconds (when
         ``wait_for_completion``), cancels and reports what never ran, and
         stops the workers. Returns ``{"drained", "cancelled", "still_running"}``."""
+    def _retry(self, task_id: str) -> TaskResult:
+        """Queues a failed task's call again as a new task (same priority,
+        retries, timeout and queue); ``ValueError`` for a task that is unknown,
+        not failed, or whose call this process does not hold."""
+    def _observe(self) -> None:
+        """Turns on per-series counts and timings (by task name, priority, queue)."""
+    def _set_event_sink(self, sink: Callable[[list[tuple[Any, ...]], int], object] | None) -> None:
+        """Hands task events to ``sink(batch, dropped)`` on a thread of its own;
+        None stops, after the events already queued."""
+    def _series(
+        self, bounds: list[float]
+    ) -> list[
+        tuple[
+            str,
+            int,
+            str,
+            dict[str, int],
+            tuple[list[int], int, float],
+            tuple[list[int], int, float],
+        ]
+    ]:
+        """Every series: name, lane, queue, counts by event, and the run time and
+        wait as (cumulative buckets at ``bounds``, count, sum in seconds)."""
+    def _latency(self) -> tuple[float, float, float]:
+        """Run-time p50, p95 and p99 in ms over every observed attempt."""
 
 # Web layer
 
@@ -395,6 +420,46 @@ class HTMLResponse(Response):
         headers: dict[str, str] | None = None,
     ) -> Self: ...
 
+@disjoint_base
+class StreamingResponse(Response):
+    """A response sent with chunked encoding as ``content`` produces it: an
+    iterator (run on a thread of its own) or async iterator (run on the
+    server's event loop) of str or bytes chunks."""
+
+    def __new__(
+        cls,
+        content: Iterable[str | bytes] | AsyncIterable[str | bytes],
+        status_code: int = 200,
+        headers: dict[str, str] | None = None,
+        media_type: str | None = None,
+    ) -> Self: ...
+    @property
+    def content(self) -> Any:
+        """What produces the body."""
+
+STREAM_SENT: int
+STREAM_FULL: int
+STREAM_GONE: int
+
+@final
+class StreamSink:
+    """The producer's end of a streaming response (internal)."""
+
+    def send(self, data: str | bytes) -> int:
+        """Queues a chunk without waiting: ``STREAM_SENT``, ``STREAM_FULL`` or ``STREAM_GONE``."""
+    def send_blocking(self, data: str | bytes) -> bool:
+        """Queues a chunk, waiting while the buffer is full; False once the client is gone."""
+    def wait_writable(self, callback: Callable[[], object]) -> bool:
+        """Leaves ``callback`` to be called once there is room; False if there is already."""
+    def on_disconnect(self, callback: Callable[[], object]) -> bool:
+        """Leaves ``callback`` to be called if the client leaves; False if it has."""
+    def finish(self) -> None:
+        """Ends the stream after the chunks queued."""
+    def abort(self) -> None:
+        """Ends the stream as failed: the connection is cut."""
+    @property
+    def disconnected(self) -> bool: ...
+
 class PlainTextResponse(Response):
     """A response with a plain-text body."""
 
@@ -422,7 +487,13 @@ class Server:
         max_connections: int,
         access_log: bool = False,
         forwarded_allow_ips: list[str] = ...,
+        metrics: bool = False,
     ) -> Self: ...
+    def http_metrics(
+        self, bounds: list[float]
+    ) -> list[tuple[str, str, list[tuple[int, int]], list[int], int, float]]:
+        """Requests by route template and method: counts by status, and latency
+        as (cumulative buckets at ``bounds``, count, sum in seconds)."""
     def adopt(self, fd: int) -> None:
         """Serves on the listening socket ``fd`` (TCP or Unix), which the caller keeps."""
     def serve(self) -> None:

@@ -137,8 +137,8 @@ class CatzillaCollector(Collector):
         depth = GaugeMetricFamily(
             "catzilla_queue_depth", "Tasks waiting, by priority lane", labels=["lane"]
         )
-        for lane in _LANES:
-            depth.add_metric([lane], getattr(stats, f"{lane}_queue_size"))
+        for lane_name in _LANES:
+            depth.add_metric([lane_name], getattr(stats, f"{lane_name}_queue_size"))
         depth.add_metric(["scheduled"], stats.scheduled_tasks)
         yield depth
         yield GaugeMetricFamily(

@@ -12,12 +12,13 @@ next ``yield``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Union
+from typing import Any
 
 from ._catzilla import STREAM_GONE, STREAM_SENT, StreamingResponse, StreamSink
 
@@ -26,7 +27,7 @@ __all__ = ["EventSourceResponse", "ServerSentEvent", "StreamingResponse"]
 logger = logging.getLogger("catzilla.http")
 
 #: What a stream may carry: chunks of text or bytes.
-Chunk = Union[str, bytes]
+Chunk = str | bytes
 
 # Strong references to running pumps (the loop keeps only weak ones).
 _pumps: set[asyncio.Task[None]] = set()
@@ -67,14 +68,20 @@ async def _pump(content: AsyncIterable[Chunk], sink: StreamSink) -> None:
     iterator: AsyncIterator[Chunk] | None = None
     try:
         iterator = content.__aiter__()
-        if task is None or not sink.on_disconnect(lambda: _call_soon(loop, task.cancel)):
+        if task is None:
+            return
+
+        def cancel() -> None:
+            _call_soon(loop, task.cancel)
+
+        if not sink.on_disconnect(cancel):
             return
         async for chunk in iterator:
             while (state := sink.send(chunk)) != STREAM_SENT:
                 if state == STREAM_GONE:
                     return
                 room: asyncio.Future[None] = loop.create_future()
-                if sink.wait_writable(lambda room=room: _call_soon(loop, _settle, room)):
+                if sink.wait_writable(functools.partial(_call_soon, loop, _settle, room)):
                     await room
     except asyncio.CancelledError:
         return  # the client left, or the server stops
