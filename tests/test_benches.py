@@ -67,6 +67,14 @@ BENCH_SCRIPTS = (
         venvs=(".venv-catzilla-orig",),
     ),
     Bench(
+        "bench_monitoring.py",
+        (
+            rf"^tasks end to end, on/off time:\s+median {NUM}x",
+            rf"^HTTP GET /json, off/on throughput:\s+median {NUM}x",
+        ),
+        needs=("wrk",),
+    ),
+    Bench(
         "bench_periodic.py",
         (
             rf"^  catzilla\s+{NUM}\s+{NUM}\s+{NUM}\s*$",
