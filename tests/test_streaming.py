@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import itertools
 import logging
 import re
 import socket
@@ -84,10 +83,12 @@ def opened(client: Client, path: str = "/s") -> Iterator[http.client.HTTPRespons
         conn.close()
 
 
-def read_until(r: http.client.HTTPResponse, want: bytes, got: bytes = b"") -> bytes:
-    """Reads the body as it arrives until it holds ``want``; returns all read.
-    A chunk that does not come in time fails on the socket timeout."""
-    while want not in got:
+def read_until(r: http.client.HTTPResponse, want: bytes, count: int = 1) -> bytes:
+    """Reads the body as it arrives until it holds ``want`` (``count`` times);
+    returns all read. A chunk that does not come in time fails on the socket
+    timeout."""
+    got = b""
+    while got.count(want) < count:
         data = r.read1(1 << 16)
         if not data:
             pytest.fail(f"the stream ended before {want!r} came; got {got!r}")
@@ -102,6 +103,30 @@ def sgen(items: list) -> Iterator:
 async def agen(items: list) -> AsyncIterator:
     for item in items:
         yield item
+
+
+def gated(kind: str, before: list, gate: threading.Event, after: list) -> Callable[[], object]:
+    """A sync or async generator function: it yields ``before``, waits until
+    ``gate`` is set, then yields ``after`` (raising an exception found there)."""
+
+    def emit(item: object) -> object:
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def sync_gen() -> Iterator[object]:
+        yield from before
+        assert gate.wait(DEADLINE), "the gate was never set"
+        yield from map(emit, after)
+
+    async def async_gen() -> AsyncIterator[object]:
+        for item in before:
+            yield item
+        assert await asyncio.to_thread(gate.wait, DEADLINE), "the gate was never set"
+        for item in map(emit, after):
+            yield item
+
+    return sync_gen if kind == "sync" else async_gen
 
 
 # The body
@@ -132,18 +157,7 @@ def test_chunks_arrive_in_order_chunked_with_status_type_and_headers(serve: Serv
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_chunks_are_sent_as_produced_not_at_the_end(serve: Serve, kind: str):
     gate = threading.Event()
-
-    def sync_gen() -> Iterator[str]:
-        yield "a"
-        assert gate.wait(DEADLINE), "the test never read the first chunk"
-        yield "b"
-
-    async def async_gen() -> AsyncIterator[str]:
-        yield "a"
-        assert await asyncio.to_thread(gate.wait, DEADLINE), "the test never read the first chunk"
-        yield "b"
-
-    gen = sync_gen if kind == "sync" else async_gen
+    gen = gated(kind, ["a"], gate, ["b"])
     client = serve(app_with(lambda: StreamingResponse(gen())))
     with opened(client) as r:
         assert read_until(r, b"a") == b"a"  # while the producer waits for the test
@@ -153,30 +167,76 @@ def test_chunks_are_sent_as_produced_not_at_the_end(serve: Serve, kind: str):
 
 # The producer stops when the client leaves
 
+RESPONSES = pytest.mark.parametrize(
+    "response", [StreamingResponse, EventSourceResponse], ids=["stream", "sse"]
+)
 
-def test_async_generator_is_stopped_when_the_client_leaves(serve: Serve):
-    rec = Recorder()
 
-    async def forever() -> AsyncIterator[bytes]:
+def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def ticking(kind: str, rec: Recorder) -> Callable[[], object]:
+    """An endless sync or async generator function, "tick" every 10 ms; when
+    it is stopped it records how (the exception at its yield or await), then
+    "closed" from its ``finally``."""
+
+    def sync_gen() -> Iterator[str]:
         try:
             while True:
-                yield b"tick\n"
-                await asyncio.sleep(0.01)
+                yield "tick"
+                time.sleep(0.01)
+        except GeneratorExit:
+            rec.append("GeneratorExit")
+            raise
         finally:
             rec.append("closed")
 
-    client = serve(app_with(lambda: StreamingResponse(forever())))
+    async def async_gen() -> AsyncIterator[str]:
+        try:
+            while True:
+                yield "tick"
+                await asyncio.sleep(0.01)
+        except (GeneratorExit, asyncio.CancelledError) as exc:
+            rec.append(type(exc).__name__)
+            raise
+        finally:
+            rec.append("closed")
+
+    return sync_gen if kind == "sync" else async_gen
+
+
+def wait_stopped(rec: Recorder, kind: str) -> None:
+    how = wait_until(lambda: "closed" in rec.snapshot() and rec.snapshot(), what="the finally")
+    assert how[-2:] in (
+        [["GeneratorExit", "closed"]]  # closed at its next yield
+        if kind == "sync"
+        else [["GeneratorExit", "closed"], ["CancelledError", "closed"]]
+    ), how
+
+
+@RESPONSES
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_endless_generator_is_stopped_when_the_client_leaves(
+    serve: Serve, caplog: pytest.LogCaptureFixture, kind: str, response: type
+):
+    rec = Recorder()
+    client = serve(app_with(lambda: response(ticking(kind, rec)())))
     with opened(client) as r:
-        read_until(r, b"tick\n" * 3)
-    wait_until(lambda: "closed" in rec.snapshot(), what="the generator's finally")
+        read_until(r, b"tick", count=3)
+    wait_stopped(rec, kind)
+    assert errors(caplog) == []
 
 
-def test_async_generator_waiting_at_an_await_is_cancelled_when_the_client_leaves(serve: Serve):
+@RESPONSES
+def test_async_generator_waiting_at_an_await_is_cancelled_when_the_client_leaves(
+    serve: Serve, caplog: pytest.LogCaptureFixture, response: type
+):
     rec = Recorder()
 
-    async def stuck() -> AsyncIterator[bytes]:
+    async def stuck() -> AsyncIterator[str]:
         try:
-            yield b"only\n"
+            yield "only"
             await asyncio.Event().wait()  # never set: only a cancellation ends this
         except asyncio.CancelledError:
             rec.append("cancelled")
@@ -184,30 +244,11 @@ def test_async_generator_waiting_at_an_await_is_cancelled_when_the_client_leaves
         finally:
             rec.append("closed")
 
-    client = serve(app_with(lambda: StreamingResponse(stuck())))
+    client = serve(app_with(lambda: response(stuck())))
     with opened(client) as r:
-        read_until(r, b"only\n")
+        read_until(r, b"only")
     wait_until(lambda: rec.snapshot() == ["cancelled", "closed"], what="the cancellation")
-
-
-def test_sync_generator_is_closed_when_the_client_leaves(serve: Serve):
-    rec = Recorder()
-
-    def forever() -> Iterator[bytes]:
-        try:
-            while True:
-                yield b"tick\n"
-                time.sleep(0.01)
-        except GeneratorExit:
-            rec.append("exit")
-            raise
-        finally:
-            rec.append("closed")
-
-    client = serve(app_with(lambda: StreamingResponse(forever())))
-    with opened(client) as r:
-        read_until(r, b"tick\n" * 3)
-    wait_until(lambda: rec.snapshot() == ["exit", "closed"], what="the generator's close")
+    assert errors(caplog) == []
 
 
 def test_a_slow_client_holds_the_producer_back(serve: Serve):
@@ -267,37 +308,13 @@ FAILURES = pytest.mark.parametrize(
 )
 
 
-def failing(bad: object, gate: threading.Event, kind: str) -> Callable[[], object]:
-    """A producer of two chunks that then fails with ``bad`` (raised, or
-    yielded as a chunk) once ``gate`` is set."""
-
-    def fail() -> object:
-        if isinstance(bad, BaseException):
-            raise bad
-        return bad
-
-    def sync_gen() -> Iterator[object]:
-        yield "first,"
-        yield "second,"
-        assert gate.wait(DEADLINE), "the gate was never set"
-        yield fail()
-
-    async def async_gen() -> AsyncIterator[object]:
-        yield "first,"
-        yield "second,"
-        assert await asyncio.to_thread(gate.wait, DEADLINE), "the gate was never set"
-        yield fail()
-
-    return sync_gen if kind == "sync" else async_gen
-
-
 @pytest.mark.parametrize("kind", ["sync", "async"])
 @FAILURES
 def test_a_failing_producer_cuts_the_stream_is_logged_and_the_server_carries_on(
     serve: Serve, caplog: pytest.LogCaptureFixture, kind: str, bad: object, error: str
 ):
     gate = threading.Event()
-    gen = failing(bad, gate, kind)
+    gen = gated(kind, ["first,", "second,"], gate, [bad])
     client = serve(app_with(lambda: StreamingResponse(gen())))
     with caplog.at_level(logging.ERROR, logger="catzilla.http"):
         with opened(client) as r:
@@ -311,17 +328,11 @@ def test_a_failing_producer_cuts_the_stream_is_logged_and_the_server_carries_on(
     assert client.get("/ping").json() == {"pong": True}
 
 
-@pytest.mark.xfail(
-    reason="BUG: when the producer fails right after yielding, the chunks it queued "
-    "(and often the status line) never reach the client: the connection is cut "
-    "before hyper flushes what it had buffered",
-    strict=False,
-)
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_chunks_queued_just_before_a_failure_still_reach_the_client(serve: Serve, kind: str):
     gate = threading.Event()
     gate.set()  # fail as soon as the two chunks are queued
-    gen = failing(RuntimeError("kaboom-in-stream"), gate, kind)
+    gen = gated(kind, ["first,", "second,"], gate, [RuntimeError("kaboom-in-stream")])
     client = serve(app_with(lambda: StreamingResponse(gen())))
     outcomes = []
     for _ in range(20):
@@ -360,31 +371,24 @@ def test_event_stream_wire_format_and_headers(serve: Serve):
 
 def test_event_stream_from_a_plain_generator(serve: Serve):
     def events() -> Iterator[object]:
-        yield {"data": "b", "event": "e", "id": "2"}
+        yield ServerSentEvent("b", event="e", id="2")
+        yield {"data": "b", "event": "e"}
         yield [1, "two"]
         yield ServerSentEvent("z")
 
     client = serve(app_with(lambda: EventSourceResponse(events())))
     r = client.get("/s")
     assert r.status == 200
-    assert r.body == b'event: e\nid: 2\ndata: b\n\ndata: [1, "two"]\n\ndata: z\n\n'
+    assert r.body == (
+        b'event: e\nid: 2\ndata: b\n\ndata: {"data": "b", "event": "e"}\n\n'
+        b'data: [1, "two"]\n\ndata: z\n\n'
+    )
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_quiet_event_stream_sends_pings(serve: Serve, kind: str):
     gate = threading.Event()
-
-    def sync_gen() -> Iterator[str]:
-        yield "first"
-        assert gate.wait(DEADLINE), "the test never saw a ping"
-        yield "second"
-
-    async def async_gen() -> AsyncIterator[str]:
-        yield "first"
-        assert await asyncio.to_thread(gate.wait, DEADLINE), "the test never saw a ping"
-        yield "second"
-
-    gen = sync_gen if kind == "sync" else async_gen
+    gen = gated(kind, ["first"], gate, ["second"])
     client = serve(app_with(lambda: EventSourceResponse(gen(), ping=0.05)))
     with opened(client) as r:
         got = read_until(r, b"data: first\n\n: ping\n\n")
@@ -394,31 +398,16 @@ def test_a_quiet_event_stream_sends_pings(serve: Serve, kind: str):
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-def test_stopping_the_server_ends_an_open_event_stream(serve: Serve, kind: str):
+def test_stopping_the_server_ends_an_open_event_stream(
+    serve: Serve, caplog: pytest.LogCaptureFixture, kind: str
+):
     rec = Recorder()
-
-    def sync_gen() -> Iterator[ServerSentEvent]:
-        try:
-            for n in itertools.count(1):
-                yield ServerSentEvent(n, id=str(n))
-                time.sleep(0.01)
-        finally:
-            rec.append("closed")
-
-    async def async_gen() -> AsyncIterator[ServerSentEvent]:
-        try:
-            for n in itertools.count(1):
-                yield ServerSentEvent(n, id=str(n))
-                await asyncio.sleep(0.01)
-        finally:
-            rec.append("closed")
-
-    forever = sync_gen if kind == "sync" else async_gen
+    forever = ticking(kind, rec)
     grace = 10.0
     app = app_with(lambda: EventSourceResponse(forever()), shutdown_grace=grace)
     client = serve(app)
     with opened(client) as r:
-        got = read_until(r, b"id: 1\ndata: 1\n\n")
+        got = read_until(r, b"data: tick\n\n")
         began = time.monotonic()
         app.stop()
         # The stream ends cleanly (a complete chunked body, no IncompleteRead),
@@ -429,7 +418,8 @@ def test_stopping_the_server_ends_an_open_event_stream(serve: Serve, kind: str):
     listener.join(grace)
     assert not listener.is_alive(), "listen did not return"
     assert time.monotonic() - began < grace / 2, "the stop waited for the stream"
-    wait_until(lambda: "closed" in rec.snapshot(), what="the generator's finally")
+    wait_stopped(rec, kind)
+    assert errors(caplog) == []
 
 
 # Bad input

@@ -16,7 +16,7 @@ import functools
 import json
 import logging
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -201,8 +201,6 @@ _END = object()
 def _encode(item: Any) -> str:
     if isinstance(item, ServerSentEvent):
         return item.encode()
-    if isinstance(item, Mapping) and set(item) <= {"data", "event", "id", "retry", "comment"}:
-        return ServerSentEvent(**item).encode()
     return ServerSentEvent(item).encode()
 
 
@@ -270,9 +268,9 @@ def _close_plain(close: Any) -> None:
 class EventSourceResponse(StreamingResponse):
     """A Server-Sent Events stream (``text/event-stream``).
 
-    ``content`` is an async iterator or iterator of ``ServerSentEvent``s,
-    dicts with their fields (``{"data": ..., "event": ...}``), or plain data
-    (sent as an event's ``data``, JSON unless it is a str). After ``ping``
+    ``content`` is an async iterator or iterator of ``ServerSentEvent``s
+    or of plain data (sent as an event's ``data``: JSON, unless it is a str;
+    a dict is data too, never fields). After ``ping``
     seconds without an event a ``: ping`` comment keeps proxies from closing
     the connection (``None``: never).
     """

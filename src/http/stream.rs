@@ -179,6 +179,9 @@ pub struct StreamBody {
     ctl: Arc<Ctl>,
     stop: StopSignal,
     ended: bool,
+    /// The producer failed and hyper was given one turn to write what it
+    /// holds: the next poll ends the body with the error.
+    flushed: bool,
 }
 
 /// A connected sink and body; `stopping` ends the body when the server stops.
@@ -198,6 +201,7 @@ pub fn channel(mut stopping: watch::Receiver<bool>) -> (StreamSink, StreamBody) 
             ctl,
             stop,
             ended: false,
+            flushed: false,
         },
     )
 }
@@ -223,6 +227,14 @@ impl Body for StreamBody {
             Poll::Ready(Some(chunk)) => {
                 self.ctl.wake_waiter();
                 Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Poll::Ready(None) if self.ctl.aborted.load(SeqCst) && !self.flushed => {
+                // NOTE: hyper drops a connection whose body fails without
+                // writing what it still buffers (the head, earlier chunks):
+                // one Pending first lets it flush them.
+                self.flushed = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
             }
             Poll::Ready(None) => {
                 self.ended = true;
