@@ -309,6 +309,9 @@ class Engine:
         """Queues a failed task's call again as a new task (same priority,
         retries, timeout and queue); ``ValueError`` for a task that is unknown,
         not failed, or whose call this process does not hold."""
+    def _queue_depths(self, queues: list[str]) -> list[int] | None:
+        """Tasks waiting (ready or delayed) in each named queue of the store;
+        None without a store."""
     def _observe(self) -> None:
         """Turns on per-series counts and timings (by task name, priority, queue)."""
     def _set_event_sink(self, sink: Callable[[list[tuple[Any, ...]], int], object] | None) -> None:

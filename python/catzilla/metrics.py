@@ -37,6 +37,7 @@ from .enums import TaskPriority
 
 if TYPE_CHECKING:
     from .app import Catzilla
+    from .background_tasks import BackgroundTasks, EngineStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "TASK_BUCKETS", "HTTP_BUCKETS", "collector", "render"]
 
@@ -141,6 +142,14 @@ class CatzillaCollector(Collector):
             depth.add_metric([lane_name], getattr(stats, f"{lane_name}_queue_size"))
         depth.add_metric(["scheduled"], stats.scheduled_tasks)
         yield depth
+        waiting = GaugeMetricFamily(
+            "catzilla_queue_waiting",
+            "Tasks waiting (ready or delayed), by named queue",
+            labels=["queue"],
+        )
+        for queue, n in queue_depths(engine, stats).items():
+            waiting.add_metric([queue], n)
+        yield waiting
         yield GaugeMetricFamily(
             "catzilla_tasks_running", "Tasks running now", value=stats.running_tasks
         )
@@ -193,6 +202,16 @@ def registry(app: Catzilla, *, process: bool = True) -> CollectorRegistry:
 def render(reg: CollectorRegistry) -> bytes:
     """The text exposition of a registry."""
     return generate_latest(reg)
+
+
+def queue_depths(engine: BackgroundTasks, stats: EngineStats) -> dict[str, int]:
+    """Tasks waiting per named queue: in memory everything is ``default``;
+    with a store, the queues this process serves, counted in the store."""
+    names = list(engine.queues) or ["default"]
+    counted = engine._queue_depths(names)
+    if counted is None:
+        return {"default": stats.total_queued}
+    return dict(zip(names, counted, strict=True))
 
 
 def http_totals(app: Catzilla) -> dict[str, Any] | None:

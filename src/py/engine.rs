@@ -445,6 +445,13 @@ impl Engine {
         super::store_bridge::stored_list(py, &self.shared, status.as_deref(), limit)
     }
 
+    /// How many tasks wait (ready or delayed) in each named queue of the
+    /// store; None without a store.
+    fn _queue_depths(&self, py: Python<'_>, queues: Vec<String>) -> PyResult<Option<Vec<u64>>> {
+        self.shared.born.check()?;
+        super::store_bridge::waiting(py, &self.shared, queues)
+    }
+
     /// Waits until everything handed to the store is committed; returns
     /// whether it was within `timeout` seconds. True without storage.
     #[pyo3(name = "_flush")]

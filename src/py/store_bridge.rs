@@ -104,6 +104,14 @@ pub fn stored_list<'py>(
         .collect()
 }
 
+/// How many tasks wait in each of `queues` in the store; None without one.
+pub fn waiting(py: Python<'_>, shared: &Shared, queues: Vec<String>) -> PyResult<Option<Vec<u64>>> {
+    let Some(store) = &shared.store else {
+        return Ok(None);
+    };
+    Ok(Some(read(py, shared, store, |s| s.waiting(&queues))?))
+}
+
 /// Reads from the store without the GIL, once everything handed over so far
 /// is committed.
 fn read<R: Send>(

@@ -195,6 +195,8 @@ pub trait Records: Send + Sync {
 
     fn get(&self, id: &str) -> Result<Option<Row>, StoreError>;
     fn list(&self, status: Option<Status>, limit: usize) -> Result<Vec<Row>, StoreError>;
+    /// How many tasks wait (ready or delayed) in each of `queues`.
+    fn waiting(&self, queues: &[String]) -> Result<Vec<u64>, StoreError>;
 
     /// Registers a schedule, or finds it from an earlier run.
     fn open_schedule(

@@ -754,6 +754,21 @@ impl Records for RedisStore {
         })
     }
 
+    fn waiting(&self, queues: &[String]) -> Result<Vec<u64>, StoreError> {
+        let keys: Vec<(String, String)> = queues
+            .iter()
+            .map(|q| (self.key(&["q", q]), self.key(&["d", q])))
+            .collect();
+        self.control(|c| {
+            let mut pipe = redis::pipe();
+            for (ready, delayed) in &keys {
+                pipe.cmd("ZCARD").arg(ready).cmd("ZCARD").arg(delayed);
+            }
+            let counts: Vec<u64> = pipe.query(c)?;
+            Ok(counts.chunks(2).map(|p| p.iter().sum()).collect())
+        })
+    }
+
     fn open_schedule(
         &self,
         name: &str,

@@ -604,6 +604,18 @@ impl Records for SqliteStore {
         };
         Ok(rows)
     }
+
+    fn waiting(&self, queues: &[String]) -> Result<Vec<u64>, StoreError> {
+        let conn = self.reader()?;
+        let mut stmt =
+            conn.prepare("SELECT COUNT(*) FROM catzilla_tasks WHERE waiting = 1 AND queue = ?1")?;
+        let mut out = Vec::with_capacity(queues.len());
+        for q in queues {
+            let n: i64 = stmt.query_row(params![q], |r| r.get(0))?;
+            out.push(u64::try_from(n).unwrap_or(0));
+        }
+        Ok(out)
+    }
 }
 
 /// `?, ?, ...` for `n` parameters.
@@ -1253,6 +1265,31 @@ mod tests {
         let again = SqliteStore::open(&path, cfg("other", KEEP), quiet()).unwrap();
         assert_eq!(again.get("a").unwrap().unwrap().progress, 40.0);
         assert!(again.failure().is_none());
+    }
+
+    #[test]
+    fn waiting_counts_queued_tasks_per_queue() {
+        let path = temp_db("waiting");
+        let store = SqliteStore::open(&path, cfg("me", KEEP), quiet()).unwrap();
+        let mut emails = row("e", "pending", 3.0);
+        emails.queue = "emails".into();
+        let mut later = row("l", "scheduled", 4.0);
+        later.queue = "emails".into();
+        later.due_at = crate::clock::epoch_now() + 3600.0;
+        for r in [
+            row("a", "pending", 1.0),
+            row("b", "pending", 2.0),
+            emails,
+            later,
+        ] {
+            store.insert(r);
+        }
+        assert!(store.flush(Duration::from_secs(5)));
+        let all = queues(&["default", "emails", "none"]);
+        assert_eq!(store.waiting(&all).unwrap(), [2, 2, 0]);
+        assert_eq!(ids(&store.claim(&queues(&["default"]), 1).unwrap()), ["a"]);
+        assert_eq!(store.waiting(&all).unwrap(), [1, 2, 0]);
+        store.close(Duration::from_secs(5));
     }
 
     #[test]

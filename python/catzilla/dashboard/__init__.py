@@ -250,7 +250,7 @@ class Dashboard:
             "low": stats.low_queue_size,
             "scheduled": stats.scheduled_tasks,
         }
-        out["queues"] = {"default": stats.total_queued} if engine.config["storage"] is None else {}
+        out["queues"] = metrics.queue_depths(engine, stats)
         out["workers"] = {
             "busy": stats.active_workers,
             "idle": stats.idle_workers,
