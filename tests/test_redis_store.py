@@ -186,3 +186,27 @@ def test_a_claim_whose_reply_was_lost_lapses_and_the_task_runs(redis: RedisServe
     finally:
         worker.shutdown(timeout=DEADLINE)
         producer.shutdown(timeout=DEADLINE)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_queue_depths_are_counted_per_named_queue_in_the_store(
+    store: str, redis: RedisServer, tmp_path: Path
+):
+    from catzilla import metrics
+
+    url = redis.url if store == "redis" else f"sqlite:///{tmp_path / 'tasks.db'}"
+    engine = BackgroundTasks(
+        workers=1, storage=url, storage_prefix="depths", queues=["default", "emails", "idle"]
+    )
+    try:
+        for _ in range(4):
+            engine.add_task(square, 1, delay_ms=3_600_000)
+        for _ in range(3):
+            engine.add_task(square, 2, delay_ms=3_600_000, queue="emails")
+        depths = metrics.queue_depths(engine, engine.get_stats())
+        assert depths == {"default": 4, "emails": 3, "idle": 0}
+        # A task that ran is no longer waiting.
+        assert engine.add_task(square, 3, queue="emails").wait(DEADLINE) == 9
+        assert metrics.queue_depths(engine, engine.get_stats())["emails"] == 3
+    finally:
+        engine.shutdown(wait_for_completion=False, timeout=DEADLINE)
