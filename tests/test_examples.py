@@ -48,3 +48,38 @@ def test_health_monitor_runs_its_periodic_check(spawn):
     status, resumed = call(client, "/monitoring/resume", "POST")
     assert status == 200 and resumed["paused"] is False and resumed["runs"] >= 1
     assert p.stop() == 0
+
+
+def test_monitoring_app_streams_progress_and_serves_metrics_and_dashboard(spawn):
+    p: ServerProcess = spawn([str(EXAMPLES / "monitoring_app.py"), "0"])
+    host, port = p.wait_serving()
+    client = Client(host, port, timeout=DEADLINE)
+    status, body = call(client, "/reports?pages=8", method="POST")
+    assert status == 202
+    task_id = body["task_id"]
+    # The progress stream: events until "done", progress never going back.
+    r = client.request("GET", f"/reports/{task_id}/events")
+    assert r.status == 200 and r.header("content-type").startswith("text/event-stream")
+    events = [
+        (block.split("\n")[0].removeprefix("event: "), json.loads(block.split("data: ", 1)[1]))
+        for block in r.body.decode().strip().split("\n\n")
+        if block.startswith("event: ")
+    ]
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "done" and set(kinds[:-1]) == {"progress"}, kinds
+    progress = [d["progress"] for k, d in events if k == "progress"]
+    assert progress == sorted(progress)
+    done = events[-1][1]
+    assert done["task_id"] == task_id and done["status"] in ("completed", "failed")
+
+    # The failure hook saw the task if it failed (it fails one time in five).
+    def hook_agrees() -> bool:
+        seen = [f["task_id"] for f in call(client, "/failures")[1]]
+        return (task_id in seen) == (done["status"] == "failed")
+
+    wait_until(hook_agrees)
+    metrics = client.request("GET", "/metrics").body.decode()
+    series = 'priority="normal",queue="default",task="__main__.build_report"'
+    assert f"catzilla_tasks_submitted_total{{{series}}} 1.0" in metrics
+    page = client.request("GET", "/_catzilla")
+    assert page.status == 200 and b'name="csrf-token"' in page.body
