@@ -8,12 +8,15 @@ teardown if it is still running.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from catzilla import Catzilla
 from catzilla.background_tasks import BackgroundTasks
-from helpers import DEADLINE, Blocker, ServerProcess
+from helpers import DEADLINE, Blocker, Client, ServerProcess, free_port, wait_until
 
 
 @pytest.fixture
@@ -87,3 +90,40 @@ def spawn() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for p in procs:
         p.close()
+
+
+@pytest.fixture
+def serve_app(_blockers: list[Blocker]) -> Iterator[Callable[[Catzilla], Client]]:
+    """Serves apps in this process (``listen`` on a thread, on a free port of
+    127.0.0.1), as test_http.py's in-process tests do, and returns a
+    ``Client`` once the port answers. At teardown every app is stopped (after
+    releasing the test's blockers) and its ``listen`` must return, which also
+    shuts its task engine down."""
+    served: list[tuple[Catzilla, threading.Thread]] = []
+
+    def serve(app: Catzilla) -> Client:
+        port = free_port()
+        t = threading.Thread(target=app.listen, kwargs={"port": port}, daemon=True)
+        t.start()
+        served.append((app, t))
+
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=DEADLINE).close()
+            except OSError:
+                assert t.is_alive(), "listen ended before serving"
+                return False
+            return app._server is not None  # so that app.stop() reaches it
+
+        wait_until(up, what="the in-process server")
+        return Client("127.0.0.1", port)
+
+    yield serve
+    for b in _blockers:
+        b.release()
+    for app, t in served:
+        app.stop()
+        t.join(DEADLINE)
+        if app.tasks is not None and not app.tasks.is_shutdown:
+            app.tasks.shutdown(wait_for_completion=False, timeout=1)
+    assert not any(t.is_alive() for _, t in served), "listen did not return after app.stop()"

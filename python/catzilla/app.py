@@ -239,6 +239,8 @@ class Catzilla:
             print(f"catzilla serving on {where}", flush=True)
         signals = StopSignals(server.request_shutdown)
         signals.install()
+        if self._dashboard is not None:
+            self._dashboard.start()
         try:
             if self.tasks is not None and self._engine().config["storage"] is not None:
                 self._engine().recover()
@@ -260,6 +262,8 @@ class Catzilla:
                 pass
             finally:
                 signals.restore()
+                if self._dashboard is not None:
+                    self._dashboard.stop()
 
     def stop(self) -> None:
         """Asks a running ``listen`` to stop gracefully; callable from any thread."""

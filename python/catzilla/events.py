@@ -47,6 +47,8 @@ Hook = Callable[[TaskEvent], object]
 def check_kinds(kinds: tuple[str, ...]) -> frozenset[str]:
     """The kinds a hook asked for (all when none); ``ValueError`` for others."""
     for kind in kinds:
+        if not isinstance(kind, str):
+            raise TypeError(f"a task event hook must be callable (or kinds be str), got {kind!r}")
         if kind not in EVENT_KINDS:
             raise ValueError(f"event kind must be one of {', '.join(EVENT_KINDS)}; got {kind!r}")
     return frozenset(kinds or EVENT_KINDS)

@@ -90,6 +90,9 @@ class Dashboard:
         self._history: deque[dict[str, float]] = deque(maxlen=HISTORY_SECONDS)
         self._last: tuple[float, int, int, int, int] | None = None
         self._lock = threading.Lock()
+        self._sampling: threading.Event | None = None
+        # Failed tasks already retried from the page, and their new ids.
+        self._retried: dict[str, str] = {}
 
     # Setup
 
@@ -108,9 +111,6 @@ class Dashboard:
         app.route(f"{p}/api/schedules/{{name}}/{{action}}", methods=["POST"])(
             self._guard(self.schedule_action, post=True)
         )
-        threading.Thread(
-            target=self._sample_forever, name="catzilla-dashboard", daemon=True
-        ).start()
 
     def check_address(self, sock: socket.socket) -> None:
         """Refuses to serve a token-less dashboard on a non-loopback address."""
@@ -129,8 +129,11 @@ class Dashboard:
     def _authorized(self, request: Request) -> bool:
         headers = request.headers
         if self.token is None:
-            host = urlsplit("//" + headers.get("host", "")).hostname or ""
-            return host in _LOOPBACK_HOSTS or host.startswith("127.")
+            try:
+                host = urlsplit("//" + headers.get("host", "")).hostname or ""
+            except ValueError:  # a malformed Host ("[::1") is no loopback name
+                return False
+            return _loopback_name(host)
         auth = headers.get("authorization", "")
         if auth[:7].lower() == "bearer " and hmac.compare_digest(
             auth[7:].strip().encode(), self.token.encode()
@@ -145,7 +148,12 @@ class Dashboard:
         if not hmac.compare_digest(sent.encode(), self.csrf.encode()):
             return False
         origin = headers.get("origin")
-        return origin is None or urlsplit(origin).netloc == headers.get("host", "")
+        if origin is None:
+            return True
+        try:
+            return urlsplit(origin).netloc == headers.get("host", "")
+        except ValueError:  # a malformed Origin ("http://[") is no same origin
+            return False
 
     def _guard(self, handler: Any, *, post: bool = False) -> Any:
         def guarded(request: Request, **params: Any) -> Any:
@@ -292,6 +300,7 @@ class Dashboard:
                 "attempts": t.attempts,
                 "error": f"{t.error['type']}: {t.error['message']}" if t.error else "",
                 "traceback": t.error.get("traceback", "") if t.error else "",
+                "retried_as": self._retried.get(t.task_id),
             }
             for t in engine.list_tasks(TaskStatus.FAILED, ROWS)
         ]
@@ -335,14 +344,27 @@ class Dashboard:
                 }
             )
 
-    def _sample_forever(self) -> None:
+    def start(self) -> None:
+        """Starts keeping the per-second history (while the app serves)."""
+        stop = self._sampling = threading.Event()
+        threading.Thread(
+            target=self._sample_until, args=(stop,), name="catzilla-dashboard", daemon=True
+        ).start()
+
+    def stop(self) -> None:
+        if self._sampling is not None:
+            self._sampling.set()
+            self._sampling = None
+
+    def _sample_until(self, stop: threading.Event) -> None:
         while True:
             started = time.monotonic()
             try:
                 self._sample()
             except Exception:  # noqa: BLE001 - a reading that failed is skipped
                 pass
-            time.sleep(max(INTERVAL - (time.monotonic() - started), 0.05))
+            if stop.wait(max(INTERVAL - (time.monotonic() - started), 0.05)):
+                return
 
     # Actions
 
@@ -354,10 +376,17 @@ class Dashboard:
                 raise HTTPError(404, f"no task {task_id}")
             return JSONResponse({"cancelled": handle.cancel()})
         if action == "retry":
-            try:
-                retried = engine._retry(task_id)
-            except ValueError as exc:
-                raise HTTPError(409, str(exc)) from None
+            if engine.get_task(task_id) is None:
+                raise HTTPError(404, f"no task {task_id}")
+            with self._lock:
+                # One retry per failed task: a second click must not queue it twice.
+                if (earlier := self._retried.get(task_id)) is not None:
+                    raise HTTPError(409, f"task {task_id} was already retried as {earlier}")
+                try:
+                    retried = engine._retry(task_id)
+                except ValueError as exc:
+                    raise HTTPError(409, str(exc)) from None
+                self._retried[task_id] = retried.task_id
             return JSONResponse({"task_id": retried.task_id})
         raise HTTPError(404, f"no task action {action!r} (cancel or retry)")
 
@@ -373,6 +402,18 @@ class Dashboard:
         else:
             raise HTTPError(404, f"no schedule action {action!r} (pause or resume)")
         return JSONResponse({"paused": found[0].is_paused})
+
+
+def _loopback_name(host: str) -> bool:
+    """Whether a Host header's name is a loopback one: ``localhost`` or a
+    loopback IP address, never a DNS name that merely starts with ``127.``
+    (which an attacker's DNS can point anywhere)."""
+    if host in _LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _cookie(header: str, name: str) -> str | None:

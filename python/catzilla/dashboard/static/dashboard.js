@@ -176,7 +176,10 @@
       const details = tr.querySelector("details");
       details.hidden = !t.traceback;
       if (openTraces.has(id) && !details.open) details.open = true;
-      tr.querySelector("button.retry").disabled = pending.has(`task:${id}`);
+      const retry = tr.querySelector("button.retry");
+      retry.disabled = pending.has(`task:${id}`) || Boolean(t.retried_as);
+      retry.textContent = t.retried_as ? "Retried" : "Retry";
+      setTitle(retry, t.retried_as ? `retried as ${str(t.retried_as)}` : "");
     });
     const ids = new Set(items.map((t) => str(t.task_id)));
     for (const id of openTraces) if (!ids.has(id)) openTraces.delete(id);
