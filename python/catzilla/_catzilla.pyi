@@ -314,11 +314,15 @@ class Engine:
         None without a store."""
     def _observe(self) -> None:
         """Turns on per-series counts and timings (by task name, priority, queue)."""
-    def _set_event_sink(self, sink: Callable[[list[tuple[Any, ...]], int], object] | None) -> None:
-        """Hands task events to ``sink(batch, dropped)`` on a thread of its own;
-        None stops, after the events already queued."""
+    def _set_event_sink(
+        self,
+        sink: Callable[[list[tuple[Any, ...]], int], object] | None,
+        kinds: list[str] = ...,
+    ) -> None:
+        """Hands task events of ``kinds`` to ``sink(batch, dropped)`` on a thread
+        of its own; None stops, after the events already queued."""
     def _series(
-        self, bounds: list[float]
+        self,
     ) -> list[
         tuple[
             str,
@@ -330,9 +334,9 @@ class Engine:
         ]
     ]:
         """Every series: name, lane, queue, counts by event, and the run time and
-        wait as (cumulative buckets at ``bounds``, count, sum in seconds)."""
+        wait as (cumulative buckets at ``TASK_BUCKETS``, count, sum in seconds)."""
     def _latency(self) -> tuple[float, float, float]:
-        """Run-time p50, p95 and p99 in ms over every observed attempt."""
+        """Run-time p50, p95 and p99 in ms over every attempt."""
 
 # Web layer
 
@@ -440,6 +444,8 @@ class StreamingResponse(Response):
     def content(self) -> Any:
         """What produces the body."""
 
+TASK_BUCKETS: list[float]
+HTTP_BUCKETS: list[float]
 STREAM_SENT: int
 STREAM_FULL: int
 STREAM_GONE: int
@@ -493,10 +499,10 @@ class Server:
         metrics: bool = False,
     ) -> Self: ...
     def http_metrics(
-        self, bounds: list[float]
+        self,
     ) -> list[tuple[str, str, list[tuple[int, int]], list[int], int, float]]:
         """Requests by route template and method: counts by status, and latency
-        as (cumulative buckets at ``bounds``, count, sum in seconds)."""
+        as (cumulative buckets at ``HTTP_BUCKETS``, count, sum in seconds)."""
     def adopt(self, fd: int) -> None:
         """Serves on the listening socket ``fd`` (TCP or Unix), which the caller keeps."""
     def serve(self) -> None:

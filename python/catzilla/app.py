@@ -286,7 +286,7 @@ class Catzilla:
         if self._observing:
             engine._observe()
         if self._event_hooks:
-            engine._set_event_sink(self._event_hooks.dispatch)
+            engine._set_event_sink(self._event_hooks.dispatch, self._event_hooks.kinds())
 
     def _observe_tasks(self) -> None:
         """Turns on per-task-name counts and timings (metrics, dashboard)."""
@@ -323,10 +323,11 @@ class Catzilla:
         return register
 
     def _add_hook(self, kinds: frozenset[str], hook: Hook) -> None:
-        first = not self._event_hooks
+        before = self._event_hooks.kinds()
         self._event_hooks.add(kinds, hook)
-        if first and self.tasks is not None and not self.tasks.is_forked:
-            self.tasks._set_event_sink(self._event_hooks.dispatch)
+        wanted = self._event_hooks.kinds()
+        if wanted != before and self.tasks is not None and not self.tasks.is_forked:
+            self.tasks._set_event_sink(self._event_hooks.dispatch, wanted)
 
     def enable_metrics(self, path: str = "/metrics", *, process_metrics: bool = True) -> None:
         """Serves Prometheus metrics at ``path``: task counters, durations and

@@ -63,6 +63,10 @@ class EventHooks:
     def __bool__(self) -> bool:
         return bool(self._hooks)
 
+    def kinds(self) -> list[str]:
+        """Every kind some hook wants (the engine sends only those)."""
+        return [k for k in EVENT_KINDS if any(k in kinds for kinds, _ in self._hooks)]
+
     def add(self, kinds: frozenset[str], hook: Hook) -> None:
         if not callable(hook):
             raise TypeError(f"a task event hook must be callable, got {hook!r}")

@@ -33,6 +33,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from . import _catzilla as _native
 from .enums import TaskPriority
 
 if TYPE_CHECKING:
@@ -41,41 +42,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CONTENT_TYPE_LATEST", "TASK_BUCKETS", "HTTP_BUCKETS", "collector", "render"]
 
-#: Bucket bounds (seconds) of the task duration and wait histograms.
-TASK_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-)
-#: Bucket bounds (seconds) of the HTTP latency histogram.
-HTTP_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+#: Bucket bounds (seconds) of the task duration and wait histograms, and of
+#: the HTTP latency histogram (fixed in the native core, which counts them).
+TASK_BUCKETS: tuple[float, ...] = tuple(_native.TASK_BUCKETS)
+HTTP_BUCKETS: tuple[float, ...] = tuple(_native.HTTP_BUCKETS)
 
 _LANES = tuple(p.name.lower() for p in TaskPriority)
 
@@ -125,7 +95,7 @@ class CatzillaCollector(Collector):
             "How long tasks waited from being queued to their first start",
             labels=_TASK_LABELS,
         )
-        for name, lane, queue, counts, ran, waited in engine._series(list(TASK_BUCKETS)):
+        for name, lane, queue, counts, ran, waited in engine._series():
             labels = [name, _LANES[lane], queue]
             for event, family in counters.items():
                 family.add_metric(labels, counts[event])
@@ -172,9 +142,7 @@ class CatzillaCollector(Collector):
             "Time from a request's arrival to its response's headers",
             labels=["route", "method"],
         )
-        for route, method, statuses, counts, total, seconds in server.http_metrics(
-            list(HTTP_BUCKETS)
-        ):
+        for route, method, statuses, counts, total, seconds in server.http_metrics():
             for status, n in statuses:
                 requests.add_metric([route, method, str(status)], n)
             latency.add_metric([route, method], _buckets(HTTP_BUCKETS, counts, total), seconds)
@@ -221,7 +189,7 @@ def http_totals(app: Catzilla) -> dict[str, Any] | None:
     if server is None:
         return None
     total = errors = 0
-    for _, _, statuses, _, _, _ in server.http_metrics([]):
+    for _, _, statuses, _, _, _ in server.http_metrics():
         for status, n in statuses:
             total += n
             if status >= 500:

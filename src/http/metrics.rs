@@ -10,6 +10,11 @@ use parking_lot::Mutex;
 
 use crate::tasks::series::Timing;
 
+/// Bucket bounds (seconds) of the request latency histogram.
+pub const HTTP_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// The route label of requests that matched no route.
 pub const UNMATCHED: &str = "(unmatched)";
 
@@ -24,10 +29,9 @@ fn method_index(method: &http::Method) -> usize {
         .unwrap_or(7)
 }
 
-#[derive(Default)]
 struct Route {
     statuses: Vec<(u16, u64)>,
-    timing: Option<Timing>,
+    timing: Timing,
 }
 
 /// Keyed by handler index (None: unmatched) and method.
@@ -51,25 +55,22 @@ impl HttpMetrics {
         took: Duration,
     ) {
         let mut routes = self.routes.lock();
-        let route = routes.entry((handler, method_index(method))).or_default();
+        let route = routes
+            .entry((handler, method_index(method)))
+            .or_insert_with(|| Route {
+                statuses: Vec::new(),
+                timing: Timing::new(&HTTP_BUCKETS),
+            });
         match route.statuses.iter_mut().find(|(s, _)| *s == status) {
             Some((_, n)) => *n += 1,
             None => route.statuses.push((status, 1)),
         }
-        if route.timing.is_none() {
-            route.timing = Timing::new();
-        }
-        if let Some(t) = route.timing.as_mut() {
-            t.record(took);
-        }
+        route.timing.record(took);
     }
 
-    /// Every route and method seen, sorted; `template` names a handler.
-    pub fn read<'a>(
-        &self,
-        bounds: &[f64],
-        template: impl Fn(usize) -> Option<&'a str>,
-    ) -> Vec<RouteReading> {
+    /// Every route and method seen, sorted, with latency buckets at
+    /// `HTTP_BUCKETS`; `template` names a handler.
+    pub fn read<'a>(&self, template: impl Fn(usize) -> Option<&'a str>) -> Vec<RouteReading> {
         let mut out: Vec<RouteReading> = self
             .routes
             .lock()
@@ -78,10 +79,7 @@ impl HttpMetrics {
                 let name = handler.and_then(&template).unwrap_or(UNMATCHED).to_string();
                 let mut statuses = route.statuses.clone();
                 statuses.sort_unstable();
-                let (buckets, count, sum) = route
-                    .timing
-                    .as_ref()
-                    .map_or_else(|| (vec![0; bounds.len()], 0, 0.0), |t| t.buckets(bounds));
+                let (buckets, count, sum) = route.timing.buckets();
                 (name, METHODS[*method], statuses, buckets, count, sum)
             })
             .collect();
@@ -105,10 +103,15 @@ mod tests {
         m.record(None, &http::Method::GET, 404, ms(0));
         m.record(None, &"BREW".parse().unwrap(), 404, ms(0));
         let names = ["/users/{id}", "/users"];
-        let read = m.read(&[0.002, 0.1], |h| names.get(h).copied());
+        let read = m.read(|h| names.get(h).copied());
+        // The cumulative counts at 2.5 ms and at 100 ms.
+        let at = |b: f64| HTTP_BUCKETS.iter().position(|x| *x == b).unwrap();
         let brief: Vec<_> = read
             .iter()
-            .map(|r| (r.0.as_str(), r.1, r.2.clone(), r.3.clone(), r.4))
+            .map(|r| {
+                let buckets = vec![r.3[at(0.0025)], r.3[at(0.1)]];
+                (r.0.as_str(), r.1, r.2.clone(), buckets, r.4)
+            })
             .collect();
         assert_eq!(
             brief,

@@ -66,6 +66,7 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<response::PlainTextResponse>()?;
     m.add_class::<response::StreamingResponse>()?;
     stream::init_pymodule(m)?;
+    m.add("HTTP_BUCKETS", metrics::HTTP_BUCKETS.to_vec())?;
     m.add_class::<server::Server>()?;
     m.add_class::<routes::Routes>()?;
     m.add_function(wrap_pyfunction!(_init_http, m)?)?;

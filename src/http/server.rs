@@ -315,13 +315,13 @@ impl Server {
     }
 
     /// Request counts by route template, method and status, with latency
-    /// buckets cumulative at `bounds` (seconds); empty unless metrics are on.
-    fn http_metrics(&self, bounds: Vec<f64>) -> Vec<RouteReading> {
+    /// buckets cumulative at `HTTP_BUCKETS`; empty unless metrics are on.
+    fn http_metrics(&self) -> Vec<RouteReading> {
         let router = &self.shared.router;
         self.shared
             .metrics
             .as_ref()
-            .map(|m| m.read(&bounds, |h| router.template(h)))
+            .map(|m| m.read(|h| router.template(h)))
             .unwrap_or_default()
     }
 

@@ -598,15 +598,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Hands task events to `sink(batch, dropped)` on a thread of its own
-    /// (observation turns on); None stops.
-    fn _set_event_sink(&self, py: Python<'_>, sink: Option<Py<PyAny>>) -> PyResult<()> {
+    /// Hands task events of `kinds` to `sink(batch, dropped)` on a thread
+    /// of its own (observation turns on); None stops.
+    #[pyo3(signature = (sink, kinds=Vec::new()))]
+    fn _set_event_sink(
+        &self,
+        py: Python<'_>,
+        sink: Option<Py<PyAny>>,
+        kinds: Vec<String>,
+    ) -> PyResult<()> {
         self.shared.born.check()?;
-        self.shared.observer.set_sink(py, sink).map_err(|e| {
-            pyo3::exceptions::PyRuntimeError::new_err(format!(
-                "cannot start the task events thread: {e}"
-            ))
-        })
+        self.shared
+            .observer
+            .set_sink(py, sink, &kinds)
+            .map_err(|e| {
+                pyo3::exceptions::PyRuntimeError::new_err(format!(
+                    "cannot start the task events thread: {e}"
+                ))
+            })
     }
 
     /// Every series: `(name, lane, queue, counts by event name,
@@ -616,14 +625,8 @@ impl Engine {
     fn _series(
         &self,
         py: Python<'_>,
-        bounds: Vec<f64>,
     ) -> PyResult<Vec<(String, usize, String, Py<PyDict>, Timings, Timings)>> {
         self.shared.born.check()?;
-        let timing = |t: &Mutex<Option<crate::tasks::series::Timing>>| {
-            t.lock()
-                .as_ref()
-                .map_or_else(|| (vec![0; bounds.len()], 0, 0.0), |t| t.buckets(&bounds))
-        };
         let read: Vec<_> = self
             .shared
             .observer
@@ -635,7 +638,7 @@ impl Engine {
                     .iter()
                     .map(|e| (e.name(), s.counted(*e)))
                     .collect();
-                let (duration, wait) = (timing(&s.duration), timing(&s.wait));
+                let (duration, wait) = (s.duration.buckets(), s.wait.buckets());
                 (s, counts, duration, wait)
             })
             .collect();
@@ -660,13 +663,12 @@ impl Engine {
     /// Run-time percentiles (p50, p95, p99) in ms over every observed attempt.
     fn _latency(&self) -> PyResult<(f64, f64, f64)> {
         self.shared.born.check()?;
-        let merged = self.shared.observer.table().merged_durations();
-        Ok(merged
-            .filter(|h| !h.is_empty())
-            .map_or((0.0, 0.0, 0.0), |h| {
-                let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-                (ms(0.5), ms(0.95), ms(0.99))
-            }))
+        let h = self.shared.run_times();
+        if h.is_empty() {
+            return Ok((0.0, 0.0, 0.0));
+        }
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Ok((ms(0.5), ms(0.95), ms(0.99)))
     }
 }
 

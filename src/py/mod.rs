@@ -23,6 +23,7 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<admission::TaskDefaults>()?;
     m.add_class::<stats::EngineStats>()?;
     m.add_class::<periodic::PeriodicTask>()?;
+    m.add("TASK_BUCKETS", crate::tasks::series::TASK_BUCKETS.to_vec())?;
     m.add_function(wrap_pyfunction!(runtime::_init_runtime, m)?)?;
     #[cfg(feature = "test-hooks")]
     m.add_function(wrap_pyfunction!(_panic_probe, m)?)?;

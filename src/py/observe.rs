@@ -5,7 +5,7 @@
 //! `Batcher` thread of their own.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -53,17 +53,20 @@ impl<'py> IntoPyObject<'py> for EventRecord {
     }
 }
 
-/// A function's name, cached by the identity of its `__module__` and
-/// `__qualname__` strings (kept alive here, so the identity stays theirs).
-type NameCache = HashMap<(usize, usize), (Py<PyAny>, Py<PyAny>, Arc<str>)>;
+/// A function's series, cached by the identity of its `__module__` and
+/// `__qualname__` strings (kept alive here, so the identity stays theirs),
+/// its lane and its queue (None: the default one).
+type SeriesCache =
+    HashMap<(usize, usize, usize, Option<String>), (Py<PyAny>, Py<PyAny>, Arc<Series>)>;
 
 #[derive(Default)]
 pub struct Observer {
     on: AtomicBool,
     table: SeriesTable,
-    names: Mutex<NameCache>,
+    cache: Mutex<SeriesCache>,
     events: Mutex<Option<Arc<Batcher<EventRecord>>>>,
-    hooked: AtomicBool,
+    /// The event kinds some hook wants, one bit per `Event`; 0: no hooks.
+    wanted: AtomicU8,
 }
 
 fn default_queue() -> Arc<str> {
@@ -86,9 +89,18 @@ impl Observer {
         &self.table
     }
 
-    /// Hands events to `sink(batch, dropped)` from now on (observation
-    /// turns on); None stops, after the events already queued.
-    pub fn set_sink(&self, py: Python<'_>, sink: Option<Py<PyAny>>) -> std::io::Result<()> {
+    /// Hands events of the `kinds` named to `sink(batch, dropped)` from now
+    /// on (observation turns on); None stops, after the events already queued.
+    pub fn set_sink(
+        &self,
+        py: Python<'_>,
+        sink: Option<Py<PyAny>>,
+        kinds: &[String],
+    ) -> std::io::Result<()> {
+        let mask = Event::ALL
+            .iter()
+            .filter(|e| kinds.iter().any(|k| k == e.name()))
+            .fold(0u8, |m, e| m | 1 << (*e as u8));
         let started = match sink {
             Some(sink) => {
                 self.enable();
@@ -100,7 +112,8 @@ impl Observer {
             }
             None => None,
         };
-        self.hooked.store(started.is_some(), Relaxed);
+        self.wanted
+            .store(if started.is_some() { mask } else { 0 }, Relaxed);
         let old = std::mem::replace(&mut *self.events.lock(), started);
         if let Some(old) = old {
             py.detach(|| old.close(Duration::from_secs(5)));
@@ -111,38 +124,45 @@ impl Observer {
     /// Stops the hooks' thread after it handed over what is queued. Call
     /// detached.
     pub fn close(&self) {
-        self.hooked.store(false, Relaxed);
+        self.wanted.store(0, Relaxed);
         let events = self.events.lock().take();
         if let Some(events) = events {
             events.close(Duration::from_secs(5));
         }
     }
 
-    fn name_of(&self, func: &Bound<'_, PyAny>) -> Arc<str> {
+    /// The series of a task of `func` in `lane` and `queue`.
+    fn series_of(&self, func: &Bound<'_, PyAny>, lane: usize, queue: Option<&str>) -> Arc<Series> {
+        let make = |name: String| {
+            let queue = queue.map_or_else(default_queue, Arc::from);
+            self.table.get(&Arc::from(name), lane, &queue)
+        };
         let module = func.getattr(pyo3::intern!(func.py(), "__module__")).ok();
         let qualname = func.getattr(pyo3::intern!(func.py(), "__qualname__")).ok();
         let (Some(module), Some(qualname)) = (module, qualname) else {
-            return Arc::from(import_name(func));
+            return make(import_name(func));
         };
-        let key = (module.as_ptr() as usize, qualname.as_ptr() as usize);
-        if let Some((_, _, name)) = self.names.lock().get(&key) {
-            return name.clone();
+        let key = (
+            module.as_ptr() as usize,
+            qualname.as_ptr() as usize,
+            lane,
+            queue.map(str::to_string),
+        );
+        if let Some((_, _, series)) = self.cache.lock().get(&key) {
+            return series.clone();
         }
-        let name: Arc<str> = Arc::from(import_name(func));
-        self.names
+        let series = make(import_name(func));
+        self.cache
             .lock()
-            .insert(key, (module.unbind(), qualname.unbind(), name.clone()));
-        name
+            .insert(key, (module.unbind(), qualname.unbind(), series.clone()));
+        series
     }
 
     /// Gives a new task its series (by its function and queue).
     pub fn attach(&self, job: &Job, func: &Bound<'_, PyAny>, queue: Option<&str>) {
-        if !self.is_on() {
-            return;
+        if self.is_on() {
+            let _ = job.series.set(self.series_of(func, job.lane, queue));
         }
-        let name = self.name_of(func);
-        let queue = queue.map_or_else(default_queue, Arc::from);
-        let _ = job.series.set(self.table.get(&name, job.lane, &queue));
     }
 
     /// Gives a task claimed from the store its series, by its stored name.
@@ -170,7 +190,7 @@ impl Observer {
             return;
         };
         series.count(event);
-        if !self.hooked.load(Relaxed) {
+        if self.wanted.load(Relaxed) & (1 << (event as u8)) == 0 {
             return;
         }
         let events = self.events.lock().clone();

@@ -133,6 +133,17 @@ impl Shared {
         out
     }
 
+    /// Every attempt's run time: the workers' histograms and the event loop's.
+    pub fn run_times(&self) -> Histogram<u64> {
+        let mut merged = self.async_histogram.lock().clone();
+        if let Some(p) = self.pool() {
+            for slot in p.slots().iter() {
+                let _ = merged.add(&*slot.histogram.lock());
+            }
+        }
+        merged
+    }
+
     pub fn pool(&self) -> Option<Arc<Pool<Job>>> {
         self.pool.lock().clone()
     }

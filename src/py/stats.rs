@@ -113,13 +113,7 @@ impl EngineStats {
             let sample = shared.sample(pool.cpu_ns, pool.busy_ns);
             shared.sampler.lock().usage(sample, pool.live.max(1))
         };
-        let mut merged = shared.async_histogram.lock().clone();
-        if let Some(p) = shared.pool() {
-            for slot in p.slots().iter() {
-                let _ = merged.add(&*slot.histogram.lock());
-            }
-        }
-        let (avg, p95, p99) = summary_ms(&merged);
+        let (avg, p95, p99) = summary_ms(&shared.run_times());
         let c = &shared.counters;
         let completed = c.completed.load(SeqCst);
         let failed = c.failed.load(SeqCst);

@@ -7,10 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-
-use super::stats::{new_histogram, record_micros};
 
 /// Series beyond this many share the name `OVERFLOW`, so a program that
 /// makes task functions on the fly cannot grow the table without bound.
@@ -54,44 +51,50 @@ impl Event {
     }
 }
 
-/// A histogram with the exact sum of what it recorded.
+/// Bucket bounds (seconds) of the task duration and wait histograms.
+pub const TASK_BUCKETS: [f64; 15] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// A Prometheus histogram with fixed bounds: a count per bucket and the
+/// exact sum, all atomic, so recording takes no lock.
 pub struct Timing {
-    histogram: Histogram<u64>,
-    sum: Duration,
+    /// Bounds in nanoseconds, ascending.
+    bounds: Vec<u64>,
+    /// Per bucket (not cumulative); the last one is above every bound.
+    counts: Vec<AtomicU64>,
+    sum_ns: AtomicU64,
 }
 
 impl Timing {
-    pub fn new() -> Option<Self> {
-        Some(Self {
-            histogram: new_histogram().ok()?,
-            sum: Duration::ZERO,
-        })
+    /// A histogram with `bounds` in seconds, ascending.
+    pub fn new(bounds: &[f64]) -> Self {
+        Self {
+            bounds: bounds.iter().map(|b| (b * 1e9) as u64).collect(),
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+        }
     }
 
-    pub fn record(&mut self, took: Duration) {
-        record_micros(&mut self.histogram, took);
-        self.sum += took;
+    pub fn record(&self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        // `le` is inclusive: a value on a bound counts in that bound's bucket.
+        let i = self.bounds.partition_point(|b| *b < ns);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
     }
 
-    /// Cumulative counts at each bound (seconds, ascending), the total count
-    /// and the sum in seconds: a Prometheus histogram.
-    pub fn buckets(&self, bounds: &[f64]) -> (Vec<u64>, u64, f64) {
-        let counts = bounds
-            .iter()
-            .map(|b| {
-                let us = (b * 1e6).clamp(0.0, self.histogram.high() as f64) as u64;
-                if us == 0 {
-                    0
-                } else {
-                    self.histogram.count_between(0, us)
-                }
-            })
-            .collect();
-        (counts, self.histogram.len(), self.sum.as_secs_f64())
-    }
-
-    pub fn histogram(&self) -> &Histogram<u64> {
-        &self.histogram
+    /// Cumulative counts at each bound, the total count and the sum in
+    /// seconds: a Prometheus histogram.
+    pub fn buckets(&self) -> (Vec<u64>, u64, f64) {
+        let mut running = 0;
+        let mut cumulative = Vec::with_capacity(self.bounds.len());
+        for c in &self.counts[..self.bounds.len()] {
+            running += c.load(Relaxed);
+            cumulative.push(running);
+        }
+        let total = running + self.counts[self.bounds.len()].load(Relaxed);
+        (cumulative, total, self.sum_ns.load(Relaxed) as f64 / 1e9)
     }
 }
 
@@ -101,9 +104,9 @@ pub struct Series {
     pub queue: Arc<str>,
     counts: [AtomicU64; Event::ALL.len()],
     /// How long each attempt ran.
-    pub duration: Mutex<Option<Timing>>,
+    pub duration: Timing,
     /// How long each task waited from being queued to its first start.
-    pub wait: Mutex<Option<Timing>>,
+    pub wait: Timing,
 }
 
 impl Series {
@@ -113,8 +116,8 @@ impl Series {
             lane,
             queue,
             counts: Default::default(),
-            duration: Mutex::new(Timing::new()),
-            wait: Mutex::new(Timing::new()),
+            duration: Timing::new(&TASK_BUCKETS),
+            wait: Timing::new(&TASK_BUCKETS),
         }
     }
 
@@ -127,15 +130,11 @@ impl Series {
     }
 
     pub fn ran(&self, took: Duration) {
-        if let Some(t) = self.duration.lock().as_mut() {
-            t.record(took);
-        }
+        self.duration.record(took);
     }
 
     pub fn waited(&self, took: Duration) {
-        if let Some(t) = self.wait.lock().as_mut() {
-            t.record(took);
-        }
+        self.wait.record(took);
     }
 }
 
@@ -174,17 +173,6 @@ impl SeriesTable {
         let mut all: Vec<_> = self.map.lock().values().cloned().collect();
         all.sort_by(|a, b| (&a.name, a.lane, &a.queue).cmp(&(&b.name, b.lane, &b.queue)));
         all
-    }
-
-    /// The run times of every series merged, for overall percentiles.
-    pub fn merged_durations(&self) -> Option<Histogram<u64>> {
-        let mut merged = new_histogram().ok()?;
-        for s in self.all() {
-            if let Some(t) = s.duration.lock().as_ref() {
-                let _ = merged.add(t.histogram());
-            }
-        }
-        Some(merged)
     }
 }
 
@@ -233,13 +221,15 @@ mod tests {
 
     #[test]
     fn timing_buckets_are_cumulative_with_an_exact_sum() {
-        let mut t = Timing::new().unwrap();
-        for ms in [1u64, 2, 5, 20, 200] {
+        let t = Timing::new(&[0.001, 0.01, 0.1, 1.0]);
+        for ms in [1u64, 2, 5, 20, 200, 3000] {
             t.record(Duration::from_millis(ms));
         }
-        let (counts, n, sum) = t.buckets(&[0.001, 0.01, 0.1, 1.0]);
+        let (counts, n, sum) = t.buckets();
+        // 1 ms sits on the first bound, which is inclusive; 3 s is above all.
         assert_eq!(counts, [1, 3, 4, 5]);
-        assert_eq!(n, 5);
+        assert_eq!(n, 6);
+        let sum = sum - 3.0;
         assert!((sum - 0.228).abs() < 1e-9, "{sum}");
     }
 }
