@@ -1,19 +1,21 @@
-"""What monitoring costs: the same app with metrics, the dashboard (one live
-dashboard client connected) and a task event hook, against the app without
-them, in paired runs.
+"""What monitoring costs: the same app with Prometheus metrics and the
+dashboard (one live dashboard client connected) against the app without
+them, in paired runs; and, for information, with a task event hook too.
 
-Each round starts ``http_apps/catzilla_monitor_app.py`` twice, ``off`` and
-``on`` (in alternating order), one after the other, and measures on each:
+Each round starts ``http_apps/catzilla_monitor_app.py`` in each mode (``off``,
+``on``, ``hook``; the order rotates), one after the other, and measures:
 
 * tasks end to end: ``POST /burst?n=N`` queues N no-op tasks and waits for all
   of them, timed inside the server (best of a few bursts);
 * HTTP: ``wrk`` on ``GET /json``.
 
-For ``on``, a client holds the dashboard's live stream open (reading its
-snapshots, once a second) while both are measured. Each round gives an on/off
-ratio; the medians are printed. Run on a release build:
+With ``on`` and ``hook``, a client holds the dashboard's live stream open
+(reading its snapshots, once a second) while both are measured. Each round
+gives a ratio to ``off``; the medians are printed. A hook is Python code
+called for every task, so its cost is the hook's own; it is shown apart.
+Run on a release build:
 
-    python benches/bench_monitoring.py            # 5 rounds
+    python benches/bench_monitoring.py            # 7 rounds
     python benches/bench_monitoring.py --quick    # a check, not a figure
 
 Needs ``wrk`` on PATH.
@@ -104,23 +106,23 @@ def measure(
     """(seconds for a burst of tasks, requests per second) of one server."""
     with running(app_server(mode), log, settings, None) as (_, port):
         with contextlib.ExitStack() as stack:
-            if mode == "on":
+            if mode != "off":
                 snapshots = stack.enter_context(dashboard_client(port))
             seconds = burst_seconds(port, args.tasks, args.bursts)
             out = run_wrk(port, JSON, args.duration, settings, {}, None)
             result = parse_wrk(out)
             if result.errors:
                 raise BenchError(f"wrk saw errors on {mode}: {result.errors_text()}")
-            if mode == "on" and snapshots[0] == 0:
+            if mode != "off" and snapshots[0] == 0:
                 raise BenchError("the dashboard client read no snapshot")
         return seconds, result.rps
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = BenchParser(__doc__)
-    parser.add_size("--rounds", type=int, full=5, quick=1, help="paired rounds")
-    parser.add_size("--tasks", type=int, full=20000, quick=500, help="tasks per burst")
-    parser.add_size("--bursts", type=int, full=3, quick=1, help="bursts per server (best taken)")
+    parser.add_size("--rounds", type=int, full=7, quick=1, help="paired rounds")
+    parser.add_size("--tasks", type=int, full=100_000, quick=500, help="tasks per burst")
+    parser.add_size("--bursts", type=int, full=5, quick=1, help="bursts per server (best taken)")
     parser.add_size("--duration", type=int, full=8, quick=1, help="wrk seconds per server")
     args = parser.parse(argv)
     settings = Settings(
@@ -133,42 +135,39 @@ def main(argv: list[str] | None = None) -> int:
         pin=False,
     )
     log = Path(__file__).resolve().parent / ".bench_monitoring.log"
-    task_ratios: list[float] = []
-    http_ratios: list[float] = []
-    print(
-        f"{'round':>5}  {'tasks off':>10}  {'tasks on':>10}  {'ratio':>6}  "
-        f"{'rps off':>9}  {'rps on':>9}  {'ratio':>6}"
-    )
+    modes = ("off", "on", "hook")
+    ratios: dict[str, list[tuple[float, float]]] = {"on": [], "hook": []}
+    print(f"{'round':>5}  " + "  ".join(f"{m + ' tasks':>11}  {m + ' rps':>9}" for m in modes))
     for i in range(args.rounds):
-        order = ("off", "on") if i % 2 == 0 else ("on", "off")
+        order = modes[i % 3 :] + modes[: i % 3]
         got: dict[str, tuple[float, float]] = {}
         for mode in order:
             try:
                 got[mode] = measure(mode, args, settings, log)
-            except BenchError as exc:
+            except (BenchError, subprocess.SubprocessError) as exc:
                 print(f"monitoring {mode}: {exc}", file=sys.stderr)
                 return 1
-            except subprocess.SubprocessError as exc:
-                print(f"monitoring {mode}: {exc!r}", file=sys.stderr)
-                return 1
-        (t_off, r_off), (t_on, r_on) = got["off"], got["on"]
-        # Ratios are "on takes x the time": > 1 is slower with monitoring.
-        task_ratios.append(t_on / t_off)
-        http_ratios.append(r_off / r_on)
+        t_off, r_off = got["off"]
+        for mode in ("on", "hook"):
+            # "x the cost": > 1 is slower than without monitoring.
+            ratios[mode].append((got[mode][0] / t_off, r_off / got[mode][1]))
         print(
-            f"{i + 1:>5}  {t_off:>9.3f}s  {t_on:>9.3f}s  {task_ratios[-1]:>6.3f}  "
-            f"{r_off:>9.0f}  {r_on:>9.0f}  {http_ratios[-1]:>6.3f}"
+            f"{i + 1:>5}  "
+            + "  ".join(f"{got[m][0]:>10.3f}s  {got[m][1]:>9.0f}" for m in modes)
         )
     print()
-    print(
-        f"tasks end to end, on/off time:        median {statistics.median(task_ratios):.3f}x "
-        f"(range {min(task_ratios):.3f}-{max(task_ratios):.3f})"
-    )
-    print(
-        f"HTTP GET /json, off/on throughput:    median {statistics.median(http_ratios):.3f}x "
-        f"(range {min(http_ratios):.3f}-{max(http_ratios):.3f})"
-    )
-    print("(1.000x: no cost; 1.050x: 5% slower with metrics, dashboard and a hook)")
+    for mode, what in (("on", "metrics + dashboard"), ("hook", "metrics + dashboard + a hook")):
+        tasks = [t for t, _ in ratios[mode]]
+        http = [h for _, h in ratios[mode]]
+        print(f"{what}, vs off (x the cost; 1.000x: none):")
+        print(
+            f"  tasks end to end (time):   median {statistics.median(tasks):.3f}x "
+            f"(range {min(tasks):.3f}-{max(tasks):.3f})"
+        )
+        print(
+            f"  HTTP GET /json (1/rps):    median {statistics.median(http):.3f}x "
+            f"(range {min(http):.3f}-{max(http):.3f})"
+        )
     return 0
 
 

@@ -2,12 +2,13 @@
 
 Run by ``benches/bench_monitoring.py``:
 
-    python catzilla_monitor_app.py PORT on|off
+    python catzilla_monitor_app.py PORT off|on|hook
 
-``on`` enables Prometheus metrics (``/metrics``), the dashboard
-(``/_catzilla``, token ``bench-token-0``) and one task event hook; ``off``
-enables none of them. ``POST /burst?n=N`` queues N no-op tasks, waits until
-all have finished, and answers how long that took, measured in the server.
+``on`` enables Prometheus metrics (``/metrics``) and the dashboard
+(``/_catzilla``, token ``bench-token-0``); ``hook`` also registers a task
+event hook called for every finished task; ``off`` enables none of them.
+``POST /burst?n=N`` queues N no-op tasks, waits until all have finished, and
+answers how long that took, measured in the server.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from catzilla import Catzilla, JSONResponse, Request, Response
 from catzilla.events import TaskEvent
 
 app = Catzilla()
-app.enable_background_tasks(workers=4, min_workers=4, max_workers=4, enable_auto_scaling=False)
+app.enable_background_tasks(
+    workers=4, min_workers=4, max_workers=4, enable_auto_scaling=False, queue_size=1_000_000
+)
 seen = [0]
 
-if sys.argv[2] == "on":
+if sys.argv[2] in ("on", "hook"):
     app.enable_metrics()
     app.enable_dashboard(token="bench-token-0")
+
+if sys.argv[2] == "hook":
 
     @app.on_task_event("succeeded")
     def count(event: TaskEvent) -> None:
