@@ -302,6 +302,12 @@ fn build(
     let kw_len = call.kwargs.as_ref().map_or(0, |k| k.bind(py).len()) as u64;
     let args_len = call.args.bind(py).len() as u64;
     let footprint = 200 + 8 * args_len + if kw_len > 0 { 100 + 48 * kw_len } else { 0 };
+    // NOTE: the function is borrowed, not cloned: workers are calling it, and
+    // a reference count bumped here too is a cache line passed between cores.
+    let series = shared.observer.is_on().then(|| {
+        let q = queue.as_deref().filter(|_| shared.store.is_some());
+        shared.observer.series_of(call.func.bind(py), lane, q)
+    });
     let task = NewTask {
         seq: shared.next_seq.fetch_add(1, SeqCst),
         prefix: shared.prefix,
@@ -312,6 +318,7 @@ fn build(
         footprint,
         call,
         callbacks: Vec::new(),
+        series,
     };
     let row = match &shared.store {
         Some(_) => Some(durable_row(

@@ -638,7 +638,7 @@ impl Engine {
                     .iter()
                     .map(|e| (e.name(), s.counted(*e)))
                     .collect();
-                let (duration, wait) = (s.duration.buckets(), s.wait.buckets());
+                let (duration, wait) = (s.durations(), s.waits());
                 (s, counts, duration, wait)
             })
             .collect();

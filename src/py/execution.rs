@@ -28,7 +28,8 @@ const BATCH_BUDGET: Duration = Duration::from_millis(2);
 impl Shared {
     /// Starts the task's attempt and runs it on this worker thread.
     fn run_one(&self, py: Python<'_>, rt: &Runtime, slot: &WorkerSlot, job: Job) {
-        let Some(attempt) = job.begin(Instant::now()) else {
+        let begun = Instant::now();
+        let Some(attempt) = job.begin(begun) else {
             self.finish_one(py);
             return;
         };
@@ -56,7 +57,8 @@ impl Shared {
         };
         if self.observer.is_on() {
             if attempt == 1 {
-                self.observer.waited(&job, job.created.elapsed());
+                self.observer
+                    .waited(&job, begun.saturating_duration_since(job.created));
             }
             self.observer.record(&job, Event::Started, None, None);
         }

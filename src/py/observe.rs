@@ -5,7 +5,7 @@
 //! `Batcher` thread of their own.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -56,17 +56,65 @@ impl<'py> IntoPyObject<'py> for EventRecord {
 /// A function's series, cached by the identity of its `__module__` and
 /// `__qualname__` strings (kept alive here, so the identity stays theirs),
 /// its lane and its queue (None: the default one).
-type SeriesCache =
-    HashMap<(usize, usize, usize, Option<String>), (Py<PyAny>, Py<PyAny>, Arc<Series>)>;
+/// NOTE: hashed with foldhash, not SipHash: the key holds no input an
+/// attacker chooses, and this lookup runs for every task queued.
+type SeriesCache = HashMap<
+    (usize, usize, usize, Option<String>),
+    (Py<PyAny>, Py<PyAny>, Arc<Series>),
+    foldhash::fast::RandomState,
+>;
 
-#[derive(Default)]
 pub struct Observer {
+    /// Unique among observers, for the per-thread memo of `series_of`.
+    id: u64,
     on: AtomicBool,
     table: SeriesTable,
     cache: Mutex<SeriesCache>,
     events: Mutex<Option<Arc<Batcher<EventRecord>>>>,
     /// The event kinds some hook wants, one bit per `Event`; 0: no hooks.
     wanted: AtomicU8,
+}
+
+/// A plain function's `__module__` and `__qualname__` objects, read from
+/// the function object itself (no attribute lookup: this runs for every
+/// task), as borrowed pointers; None for other callables.
+fn function_names(
+    func: &Bound<'_, PyAny>,
+) -> Option<(*mut pyo3::ffi::PyObject, *mut pyo3::ffi::PyObject)> {
+    let ptr = func.as_ptr();
+    // SAFETY: `ptr` is a live object (borrowed by `func`, GIL held); it is
+    // read as a function object only once `PyFunction_Check` says it is one.
+    unsafe {
+        if pyo3::ffi::PyFunction_Check(ptr) == 0 {
+            return None;
+        }
+        let f = ptr.cast::<pyo3::ffi::PyFunctionObject>();
+        let (module, qualname) = ((*f).func_module, (*f).func_qualname);
+        (!module.is_null() && !qualname.is_null()).then_some((module, qualname))
+    }
+}
+
+impl Default for Observer {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self {
+            id: NEXT.fetch_add(1, Relaxed),
+            on: AtomicBool::new(false),
+            table: SeriesTable::default(),
+            cache: Mutex::default(),
+            events: Mutex::new(None),
+            wanted: AtomicU8::new(0),
+        }
+    }
+}
+
+/// The last series this thread looked up: (observer, module, qualname,
+/// lane) of a plain function in the default queue. Its pointers stay valid:
+/// the observer's cache keeps those objects alive as long as it lives.
+type Memo = Option<(u64, usize, usize, usize, Arc<Series>)>;
+
+thread_local! {
+    static LAST: std::cell::RefCell<Memo> = const { std::cell::RefCell::new(None) };
 }
 
 fn default_queue() -> Arc<str> {
@@ -132,15 +180,61 @@ impl Observer {
     }
 
     /// The series of a task of `func` in `lane` and `queue`.
-    fn series_of(&self, func: &Bound<'_, PyAny>, lane: usize, queue: Option<&str>) -> Arc<Series> {
+    pub fn series_of(
+        &self,
+        func: &Bound<'_, PyAny>,
+        lane: usize,
+        queue: Option<&str>,
+    ) -> Arc<Series> {
         let make = |name: String| {
             let queue = queue.map_or_else(default_queue, Arc::from);
             self.table.get(&Arc::from(name), lane, &queue)
         };
-        let module = func.getattr(pyo3::intern!(func.py(), "__module__")).ok();
-        let qualname = func.getattr(pyo3::intern!(func.py(), "__qualname__")).ok();
-        let (Some(module), Some(qualname)) = (module, qualname) else {
-            return make(import_name(func));
+        if let Some((module, qualname)) = function_names(func) {
+            // The common case: a plain function, found by its names' identity
+            // without touching a reference count; the same one as last time
+            // on this thread without a lookup at all.
+            let (m, q) = (module as usize, qualname as usize);
+            if queue.is_none() {
+                let memo = LAST.with_borrow(|last| match last {
+                    Some((id, lm, lq, ll, s)) if (*id, *lm, *lq, *ll) == (self.id, m, q, lane) => {
+                        Some(s.clone())
+                    }
+                    _ => None,
+                });
+                if let Some(series) = memo {
+                    return series;
+                }
+            }
+            let key = (m, q, lane, queue.map(str::to_string));
+            let found = self.cache.lock().get(&key).map(|(_, _, s)| s.clone());
+            if let Some(series) = found {
+                if queue.is_none() {
+                    LAST.set(Some((self.id, m, q, lane, series.clone())));
+                }
+                return series;
+            }
+        }
+        let (module, qualname) = match function_names(func) {
+            // SAFETY: borrowed references from a live function object, GIL held.
+            Some((m, q)) => unsafe {
+                let py = func.py();
+                match (
+                    Bound::from_borrowed_ptr_or_opt(py, m),
+                    Bound::from_borrowed_ptr_or_opt(py, q),
+                ) {
+                    (Some(m), Some(q)) => (m, q),
+                    _ => return make(import_name(func)),
+                }
+            },
+            None => {
+                let module = func.getattr(pyo3::intern!(func.py(), "__module__")).ok();
+                let qualname = func.getattr(pyo3::intern!(func.py(), "__qualname__")).ok();
+                let (Some(module), Some(qualname)) = (module, qualname) else {
+                    return make(import_name(func));
+                };
+                (module, qualname)
+            }
         };
         let key = (
             module.as_ptr() as usize,
@@ -156,13 +250,6 @@ impl Observer {
             .lock()
             .insert(key, (module.unbind(), qualname.unbind(), series.clone()));
         series
-    }
-
-    /// Gives a new task its series (by its function and queue).
-    pub fn attach(&self, job: &Job, func: &Bound<'_, PyAny>, queue: Option<&str>) {
-        if self.is_on() {
-            let _ = job.series.set(self.series_of(func, job.lane, queue));
-        }
     }
 
     /// Gives a task claimed from the store its series, by its stored name.
@@ -189,7 +276,11 @@ impl Observer {
         let Some(series) = job.series.get() else {
             return;
         };
-        series.count(event);
+        // NOTE: starts are not counted: every start records its wait, and the
+        // wait histogram's count is the number of starts.
+        if event != Event::Started {
+            series.count(event);
+        }
         if self.wanted.load(Relaxed) & (1 << (event as u8)) == 0 {
             return;
         }

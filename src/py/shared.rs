@@ -386,15 +386,6 @@ impl Shared {
         let footprint = task.footprint;
         let key = (task.prefix, task.seq);
         let job = Arc::new(TaskState::new(task));
-        if self.observer.is_on() {
-            Python::attach(|py| {
-                let func = job.call_parts(py).map(|parts| parts.0);
-                if let Some(func) = func {
-                    let queue = row.as_ref().map(|r| r.queue.as_str());
-                    self.observer.attach(&job, func.bind(py), queue);
-                }
-            });
-        }
         let replaced = self.shard(key).lock().insert(key, job.clone());
         drop(replaced); // outside the lock: dropping Python objects may run Python
         if let (Some(store), Some(_)) = (&self.store, &row) {

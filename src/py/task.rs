@@ -181,6 +181,8 @@ pub struct NewTask {
     pub call: Call,
     /// Callbacks attached from the start (a periodic run's bookkeeping).
     pub callbacks: Vec<Py<PyAny>>,
+    /// Its series, when observation was on as it was made.
+    pub series: Option<Arc<crate::tasks::series::Series>>,
 }
 
 impl TaskState {
@@ -203,7 +205,7 @@ impl TaskState {
             attempts: AtomicU32::new(0),
             first_start_ns: AtomicU64::new(0),
             last_run_us: AtomicU64::new(0),
-            series: std::sync::OnceLock::new(),
+            series: t.series.map(std::sync::OnceLock::from).unwrap_or_default(),
             inner: Mutex::new(Inner {
                 call: Some(t.call),
                 func: None,

@@ -98,15 +98,62 @@ impl Timing {
     }
 }
 
+/// Counters are split in shards, one per thread (modulo): workers and the
+/// threads that queue tasks each count in their own cache line instead of
+/// passing the same lines between cores for every task.
+const SHARDS: usize = 8;
+const TASK_SLOTS: usize = TASK_BUCKETS.len() + 1;
+
+/// `TASK_BUCKETS` in nanoseconds.
+const TASK_BUCKETS_NS: [u64; TASK_BUCKETS.len()] = {
+    let mut ns = [0u64; TASK_BUCKETS.len()];
+    let mut i = 0;
+    while i < ns.len() {
+        ns[i] = (TASK_BUCKETS[i] * 1e9) as u64;
+        i += 1;
+    }
+    ns
+};
+
+/// A task histogram at `TASK_BUCKETS`: per-bucket counts and the sum (ns).
+#[derive(Default)]
+struct Buckets {
+    counts: [AtomicU64; TASK_SLOTS],
+    sum_ns: AtomicU64,
+}
+
+impl Buckets {
+    fn record(&self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        // `le` is inclusive: a value on a bound counts in that bound's bucket.
+        let i = TASK_BUCKETS_NS.partition_point(|b| *b < ns);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
+    }
+}
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard {
+    counts: [AtomicU64; Event::ALL.len()],
+    duration: Buckets,
+    wait: Buckets,
+}
+
+/// This thread's shard.
+fn shard_index() -> usize {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static INDEX: usize = (NEXT.fetch_add(1, Relaxed) % SHARDS as u64) as usize;
+    }
+    INDEX.with(|i| *i)
+}
+
 pub struct Series {
     pub name: Arc<str>,
     pub lane: usize,
     pub queue: Arc<str>,
-    counts: [AtomicU64; Event::ALL.len()],
-    /// How long each attempt ran.
-    pub duration: Timing,
-    /// How long each task waited from being queued to its first start.
-    pub wait: Timing,
+    shards: Box<[Shard; SHARDS]>,
 }
 
 impl Series {
@@ -115,26 +162,71 @@ impl Series {
             name,
             lane,
             queue,
-            counts: Default::default(),
-            duration: Timing::new(&TASK_BUCKETS),
-            wait: Timing::new(&TASK_BUCKETS),
+            shards: Box::default(),
         }
     }
 
+    fn mine(&self) -> &Shard {
+        &self.shards[shard_index()]
+    }
+
     pub fn count(&self, event: Event) {
-        self.counts[event as usize].fetch_add(1, Relaxed);
+        self.mine().counts[event as usize].fetch_add(1, Relaxed);
     }
 
     pub fn counted(&self, event: Event) -> u64 {
-        self.counts[event as usize].load(Relaxed)
+        if event == Event::Started {
+            return self.waits().1;
+        }
+        self.shards
+            .iter()
+            .map(|s| s.counts[event as usize].load(Relaxed))
+            .sum()
     }
 
+    /// One attempt's run time.
     pub fn ran(&self, took: Duration) {
-        self.duration.record(took);
+        self.mine().duration.record(took);
     }
 
+    /// The wait from being queued to the first start.
     pub fn waited(&self, took: Duration) {
-        self.wait.record(took);
+        self.mine().wait.record(took);
+    }
+
+    /// Run times as cumulative counts at `TASK_BUCKETS`, count and sum (s).
+    pub fn durations(&self) -> (Vec<u64>, u64, f64) {
+        self.read(|s| &s.duration)
+    }
+
+    /// Waits as cumulative counts at `TASK_BUCKETS`, count and sum (s).
+    pub fn waits(&self) -> (Vec<u64>, u64, f64) {
+        self.read(|s| &s.wait)
+    }
+
+    fn read(&self, pick: impl Fn(&Shard) -> &Buckets) -> (Vec<u64>, u64, f64) {
+        let mut per = [0u64; TASK_SLOTS];
+        let mut sum_ns = 0u64;
+        for shard in self.shards.iter() {
+            let b = pick(shard);
+            for (total, c) in per.iter_mut().zip(&b.counts) {
+                *total += c.load(Relaxed);
+            }
+            sum_ns = sum_ns.saturating_add(b.sum_ns.load(Relaxed));
+        }
+        let cumulative: Vec<u64> = per
+            .iter()
+            .scan(0u64, |run, n| {
+                *run += n;
+                Some(*run)
+            })
+            .collect();
+        let total = cumulative[TASK_SLOTS - 1];
+        (
+            cumulative[..TASK_SLOTS - 1].to_vec(),
+            total,
+            sum_ns as f64 / 1e9,
+        )
     }
 }
 
@@ -202,6 +294,31 @@ mod tests {
             .map(|s| (s.name.to_string(), s.lane))
             .collect();
         assert_eq!(names, [("a".into(), 1), ("a".into(), 2), ("b".into(), 2)]);
+    }
+
+    #[test]
+    fn series_timings_sum_over_the_threads_that_recorded_them() {
+        let table = SeriesTable::default();
+        let s = table.get(&Arc::from("f"), 2, &Arc::from("default"));
+        std::thread::scope(|scope| {
+            for ms in [1u64, 2, 5, 20, 200, 3000] {
+                let s = s.clone();
+                scope.spawn(move || {
+                    s.ran(Duration::from_millis(ms));
+                    s.count(Event::Succeeded);
+                });
+            }
+        });
+        let (counts, n, sum) = s.durations();
+        let at = |b: f64| counts[TASK_BUCKETS.iter().position(|x| *x == b).unwrap()];
+        assert_eq!(
+            (at(0.001), at(0.005), at(0.025), at(0.25), at(300.0)),
+            (1, 3, 4, 5, 6)
+        );
+        assert_eq!(n, 6);
+        assert!((sum - 3.228).abs() < 1e-9, "{sum}");
+        assert_eq!(s.counted(Event::Succeeded), 6);
+        assert_eq!(s.waits().1, 0);
     }
 
     #[test]
