@@ -347,12 +347,16 @@ impl Engine {
                     })?,
             ),
         };
-        self.shared.evict(Instant::now());
-        let mut jobs = self
-            .shared
-            .jobs_where(|j| wanted.is_none_or(|w| j.status() as usize == w));
-        jobs.sort_unstable_by_key(|j| std::cmp::Reverse(j.seq));
-        jobs.truncate(limit);
+        // NOTE: detached: a scan of many retained tasks (the dashboard lists
+        // several statuses every second) must not hold the GIL meanwhile.
+        let shared = &self.shared;
+        let jobs = py.detach(|| {
+            shared.evict(Instant::now());
+            let mut jobs = shared.jobs_where(|j| wanted.is_none_or(|w| j.status() as usize == w));
+            jobs.sort_unstable_by_key(|j| std::cmp::Reverse(j.seq));
+            jobs.truncate(limit);
+            jobs
+        });
         Ok(jobs
             .into_iter()
             .map(|j| TaskResult::of(j, &self.shared))
