@@ -69,8 +69,10 @@ BENCH_SCRIPTS = (
     Bench(
         "bench_monitoring.py",
         (
-            rf"^tasks end to end, on/off time:\s+median {NUM}x",
-            rf"^HTTP GET /json, off/on throughput:\s+median {NUM}x",
+            r"^metrics \+ dashboard, vs off",
+            r"^metrics \+ dashboard \+ a hook, vs off",
+            rf"^  tasks end to end \(time\):\s+median {NUM}x",
+            rf"^  HTTP GET /json \(1/rps\):\s+median {NUM}x",
         ),
         needs=("wrk",),
     ),
