@@ -151,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("on", "hook"):
             # "x the cost": > 1 is slower than without monitoring.
             ratios[mode].append((got[mode][0] / t_off, r_off / got[mode][1]))
-        print(
-            f"{i + 1:>5}  "
-            + "  ".join(f"{got[m][0]:>10.3f}s  {got[m][1]:>9.0f}" for m in modes)
-        )
+        print(f"{i + 1:>5}  " + "  ".join(f"{got[m][0]:>10.3f}s  {got[m][1]:>9.0f}" for m in modes))
     print()
     for mode, what in (("on", "metrics + dashboard"), ("hook", "metrics + dashboard + a hook")):
         tasks = [t for t, _ in ratios[mode]]
