@@ -8,12 +8,15 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::tasks::series::Timing;
+use crate::tasks::series::{nanos, Buckets, Reading};
 
 /// Bucket bounds (seconds) of the request latency histogram.
 pub const HTTP_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+const HTTP_BUCKETS_NS: [u64; HTTP_BUCKETS.len()] = nanos(HTTP_BUCKETS);
+const _: () = assert!(HTTP_BUCKETS.len() < crate::tasks::series::MAX_SLOTS);
 
 /// The route label of requests that matched no route.
 pub const UNMATCHED: &str = "(unmatched)";
@@ -29,9 +32,10 @@ fn method_index(method: &http::Method) -> usize {
         .unwrap_or(7)
 }
 
+#[derive(Default)]
 struct Route {
     statuses: Vec<(u16, u64)>,
-    timing: Timing,
+    timing: Buckets,
 }
 
 /// Keyed by handler index (None: unmatched) and method.
@@ -55,17 +59,12 @@ impl HttpMetrics {
         took: Duration,
     ) {
         let mut routes = self.routes.lock();
-        let route = routes
-            .entry((handler, method_index(method)))
-            .or_insert_with(|| Route {
-                statuses: Vec::new(),
-                timing: Timing::new(&HTTP_BUCKETS),
-            });
+        let route = routes.entry((handler, method_index(method))).or_default();
         match route.statuses.iter_mut().find(|(s, _)| *s == status) {
             Some((_, n)) => *n += 1,
             None => route.statuses.push((status, 1)),
         }
-        route.timing.record(took);
+        route.timing.record(&HTTP_BUCKETS_NS, took);
     }
 
     /// Every route and method seen, sorted, with latency buckets at
@@ -79,7 +78,9 @@ impl HttpMetrics {
                 let name = handler.and_then(&template).unwrap_or(UNMATCHED).to_string();
                 let mut statuses = route.statuses.clone();
                 statuses.sort_unstable();
-                let (buckets, count, sum) = route.timing.buckets();
+                let mut read = Reading::default();
+                route.timing.add_to(&mut read);
+                let (buckets, count, sum) = read.histogram(HTTP_BUCKETS.len());
                 (name, METHODS[*method], statuses, buckets, count, sum)
             })
             .collect();

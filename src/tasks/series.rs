@@ -56,45 +56,70 @@ pub const TASK_BUCKETS: [f64; 15] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
-/// A Prometheus histogram with fixed bounds: a count per bucket and the
-/// exact sum, all atomic, so recording takes no lock.
-pub struct Timing {
-    /// Bounds in nanoseconds, ascending.
-    bounds: Vec<u64>,
-    /// Per bucket (not cumulative); the last one is above every bound.
-    counts: Vec<AtomicU64>,
+/// Bounds in seconds as nanoseconds, for `Buckets`.
+pub const fn nanos<const N: usize>(secs: [f64; N]) -> [u64; N] {
+    let mut ns = [0u64; N];
+    let mut i = 0;
+    while i < N {
+        ns[i] = (secs[i] * 1e9) as u64;
+        i += 1;
+    }
+    ns
+}
+
+/// Most buckets a histogram has: its bounds and one above them all.
+pub const MAX_SLOTS: usize = 16;
+
+/// A Prometheus histogram's counts: one per bucket (not cumulative; the
+/// last above every bound) and the exact sum, all atomic, so recording takes
+/// no lock. Its bounds (ns, ascending, fewer than `MAX_SLOTS`) are passed in.
+#[derive(Default)]
+pub struct Buckets {
+    counts: [AtomicU64; MAX_SLOTS],
     sum_ns: AtomicU64,
 }
 
-impl Timing {
-    /// A histogram with `bounds` in seconds, ascending.
-    pub fn new(bounds: &[f64]) -> Self {
-        Self {
-            bounds: bounds.iter().map(|b| (b * 1e9) as u64).collect(),
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_ns: AtomicU64::new(0),
-        }
-    }
-
-    pub fn record(&self, took: Duration) {
+impl Buckets {
+    pub fn record(&self, bounds: &[u64], took: Duration) {
         let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         // `le` is inclusive: a value on a bound counts in that bound's bucket.
-        let i = self.bounds.partition_point(|b| *b < ns);
+        let i = bounds.partition_point(|b| *b < ns);
         self.counts[i].fetch_add(1, Relaxed);
         self.sum_ns.fetch_add(ns, Relaxed);
     }
 
-    /// Cumulative counts at each bound, the total count and the sum in
-    /// seconds: a Prometheus histogram.
-    pub fn buckets(&self) -> (Vec<u64>, u64, f64) {
-        let mut running = 0;
-        let mut cumulative = Vec::with_capacity(self.bounds.len());
-        for c in &self.counts[..self.bounds.len()] {
-            running += c.load(Relaxed);
-            cumulative.push(running);
+    /// Adds these counts and sum to `total`.
+    pub fn add_to(&self, total: &mut Reading) {
+        for (t, c) in total.counts.iter_mut().zip(&self.counts) {
+            *t += c.load(Relaxed);
         }
-        let total = running + self.counts[self.bounds.len()].load(Relaxed);
-        (cumulative, total, self.sum_ns.load(Relaxed) as f64 / 1e9)
+        total.sum_ns = total.sum_ns.saturating_add(self.sum_ns.load(Relaxed));
+    }
+}
+
+/// Counts and sum read from one or more `Buckets`.
+#[derive(Default)]
+pub struct Reading {
+    counts: [u64; MAX_SLOTS],
+    sum_ns: u64,
+}
+
+impl Reading {
+    /// Cumulative counts at each of `bounds` bounds, the total count and
+    /// the sum in seconds: a Prometheus histogram.
+    pub fn histogram(&self, bounds: usize) -> (Vec<u64>, u64, f64) {
+        let cumulative: Vec<u64> = self.counts[..=bounds]
+            .iter()
+            .scan(0u64, |run, n| {
+                *run += n;
+                Some(*run)
+            })
+            .collect();
+        (
+            cumulative[..bounds].to_vec(),
+            cumulative[bounds],
+            self.sum_ns as f64 / 1e9,
+        )
     }
 }
 
@@ -102,35 +127,8 @@ impl Timing {
 /// threads that queue tasks each count in their own cache line instead of
 /// passing the same lines between cores for every task.
 const SHARDS: usize = 8;
-const TASK_SLOTS: usize = TASK_BUCKETS.len() + 1;
-
-/// `TASK_BUCKETS` in nanoseconds.
-const TASK_BUCKETS_NS: [u64; TASK_BUCKETS.len()] = {
-    let mut ns = [0u64; TASK_BUCKETS.len()];
-    let mut i = 0;
-    while i < ns.len() {
-        ns[i] = (TASK_BUCKETS[i] * 1e9) as u64;
-        i += 1;
-    }
-    ns
-};
-
-/// A task histogram at `TASK_BUCKETS`: per-bucket counts and the sum (ns).
-#[derive(Default)]
-struct Buckets {
-    counts: [AtomicU64; TASK_SLOTS],
-    sum_ns: AtomicU64,
-}
-
-impl Buckets {
-    fn record(&self, took: Duration) {
-        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        // `le` is inclusive: a value on a bound counts in that bound's bucket.
-        let i = TASK_BUCKETS_NS.partition_point(|b| *b < ns);
-        self.counts[i].fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add(ns, Relaxed);
-    }
-}
+const TASK_BUCKETS_NS: [u64; TASK_BUCKETS.len()] = nanos(TASK_BUCKETS);
+const _: () = assert!(TASK_BUCKETS.len() < MAX_SLOTS);
 
 #[derive(Default)]
 #[repr(align(128))]
@@ -186,12 +184,12 @@ impl Series {
 
     /// One attempt's run time.
     pub fn ran(&self, took: Duration) {
-        self.mine().duration.record(took);
+        self.mine().duration.record(&TASK_BUCKETS_NS, took);
     }
 
     /// The wait from being queued to the first start.
     pub fn waited(&self, took: Duration) {
-        self.mine().wait.record(took);
+        self.mine().wait.record(&TASK_BUCKETS_NS, took);
     }
 
     /// Run times as cumulative counts at `TASK_BUCKETS`, count and sum (s).
@@ -205,28 +203,11 @@ impl Series {
     }
 
     fn read(&self, pick: impl Fn(&Shard) -> &Buckets) -> (Vec<u64>, u64, f64) {
-        let mut per = [0u64; TASK_SLOTS];
-        let mut sum_ns = 0u64;
+        let mut total = Reading::default();
         for shard in self.shards.iter() {
-            let b = pick(shard);
-            for (total, c) in per.iter_mut().zip(&b.counts) {
-                *total += c.load(Relaxed);
-            }
-            sum_ns = sum_ns.saturating_add(b.sum_ns.load(Relaxed));
+            pick(shard).add_to(&mut total);
         }
-        let cumulative: Vec<u64> = per
-            .iter()
-            .scan(0u64, |run, n| {
-                *run += n;
-                Some(*run)
-            })
-            .collect();
-        let total = cumulative[TASK_SLOTS - 1];
-        (
-            cumulative[..TASK_SLOTS - 1].to_vec(),
-            total,
-            sum_ns as f64 / 1e9,
-        )
+        total.histogram(TASK_BUCKETS.len())
     }
 }
 
@@ -338,11 +319,14 @@ mod tests {
 
     #[test]
     fn timing_buckets_are_cumulative_with_an_exact_sum() {
-        let t = Timing::new(&[0.001, 0.01, 0.1, 1.0]);
+        const BOUNDS: [u64; 4] = nanos([0.001, 0.01, 0.1, 1.0]);
+        let t = Buckets::default();
         for ms in [1u64, 2, 5, 20, 200, 3000] {
-            t.record(Duration::from_millis(ms));
+            t.record(&BOUNDS, Duration::from_millis(ms));
         }
-        let (counts, n, sum) = t.buckets();
+        let mut read = Reading::default();
+        t.add_to(&mut read);
+        let (counts, n, sum) = read.histogram(BOUNDS.len());
         // 1 ms sits on the first bound, which is inclusive; 3 s is above all.
         assert_eq!(counts, [1, 3, 4, 5]);
         assert_eq!(n, 6);
