@@ -288,9 +288,11 @@ class Catzilla:
         if self._event_hooks:
             engine._set_event_sink(self._event_hooks.dispatch, self._event_hooks.kinds())
 
-    def _observe_tasks(self) -> None:
-        """Turns on per-task-name counts and timings (metrics, dashboard)."""
+    def _observe(self) -> None:
+        """Turns on per-task-name counts and timings, and the server's request
+        counts (what metrics and the dashboard read)."""
         self._observing = True
+        self._http_metrics = True
         if self.tasks is not None and not self.tasks.is_forked:
             self.tasks._observe()
 

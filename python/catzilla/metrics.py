@@ -72,8 +72,7 @@ class CatzillaCollector(Collector):
 
     def __init__(self, app: Catzilla) -> None:
         self._app = app
-        app._observe_tasks()
-        app._http_metrics = True
+        app._observe()
 
     def collect(self) -> Iterator[Metric]:
         yield from self._tasks()

@@ -86,11 +86,16 @@ async def _pump(content: AsyncIterable[Chunk], sink: StreamSink) -> None:
     except asyncio.CancelledError:
         return  # the client left, or the server stops
     except Exception:
-        logger.exception("a streaming response's content raised; the response was cut short")
-        sink.abort()
+        _cut_short(sink)
     finally:
         sink.finish()
         await _aclose(iterator)
+
+
+def _cut_short(sink: StreamSink) -> None:
+    """The content raised: logged, and the client sees a cut response."""
+    logger.exception("a streaming response's content raised; the response was cut short")
+    sink.abort()
 
 
 async def _aclose(iterator: Any) -> None:
@@ -111,8 +116,7 @@ def _drive_sync(content: Iterable[Chunk], sink: StreamSink) -> None:
             if not sink.send_blocking(chunk):
                 return  # the client left, or the server stops
     except Exception:
-        logger.exception("a streaming response's content raised; the response was cut short")
-        sink.abort()
+        _cut_short(sink)
     finally:
         sink.finish()
         close = getattr(iterator, "close", None)

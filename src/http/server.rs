@@ -596,12 +596,14 @@ async fn serve_one(
             .map(with_server);
     }
     let started = Instant::now();
-    let (method, uri, version) = (req.method().clone(), req.uri().clone(), req.version());
+    let (method, version) = (req.method().clone(), req.version());
+    // The target is read only by the access log.
+    let uri = shared.access.as_ref().map(|_| req.uri().clone());
     let resp = with_server(handle(shared.clone(), client, req, &mut route).await?);
     if let Some(metrics) = &shared.metrics {
         metrics.record(route, &method, resp.status().as_u16(), started.elapsed());
     }
-    let Some(access) = &shared.access else {
+    let (Some(access), Some(uri)) = (&shared.access, uri) else {
         return Ok(resp);
     };
     let bytes = hyper::body::Body::size_hint(resp.body()).exact();

@@ -190,7 +190,8 @@ impl Observer {
             let queue = queue.map_or_else(default_queue, Arc::from);
             self.table.get(&Arc::from(name), lane, &queue)
         };
-        if let Some((module, qualname)) = function_names(func) {
+        let names = function_names(func);
+        if let Some((module, qualname)) = names {
             // The common case: a plain function, found by its names' identity
             // without touching a reference count; the same one as last time
             // on this thread without a lookup at all.
@@ -206,49 +207,42 @@ impl Observer {
                     return series;
                 }
             }
-            let key = (m, q, lane, queue.map(str::to_string));
-            let found = self.cache.lock().get(&key).map(|(_, _, s)| s.clone());
-            if let Some(series) = found {
-                if queue.is_none() {
-                    LAST.set(Some((self.id, m, q, lane, series.clone())));
-                }
-                return series;
-            }
         }
-        let (module, qualname) = match function_names(func) {
-            // SAFETY: borrowed references from a live function object, GIL held.
+        let (module, qualname) = match names {
+            // SAFETY: non-null borrowed references from a live function
+            // object, GIL held; made owned here to be kept by the cache.
             Some((m, q)) => unsafe {
                 let py = func.py();
-                match (
-                    Bound::from_borrowed_ptr_or_opt(py, m),
-                    Bound::from_borrowed_ptr_or_opt(py, q),
-                ) {
-                    (Some(m), Some(q)) => (m, q),
-                    _ => return make(import_name(func)),
-                }
+                (
+                    Bound::from_borrowed_ptr(py, m),
+                    Bound::from_borrowed_ptr(py, q),
+                )
             },
             None => {
-                let module = func.getattr(pyo3::intern!(func.py(), "__module__")).ok();
-                let qualname = func.getattr(pyo3::intern!(func.py(), "__qualname__")).ok();
-                let (Some(module), Some(qualname)) = (module, qualname) else {
+                let module = func.getattr(pyo3::intern!(func.py(), "__module__"));
+                let qualname = func.getattr(pyo3::intern!(func.py(), "__qualname__"));
+                let (Ok(module), Ok(qualname)) = (module, qualname) else {
                     return make(import_name(func));
                 };
                 (module, qualname)
             }
         };
-        let key = (
-            module.as_ptr() as usize,
-            qualname.as_ptr() as usize,
-            lane,
-            queue.map(str::to_string),
-        );
-        if let Some((_, _, series)) = self.cache.lock().get(&key) {
-            return series.clone();
+        let (m, q) = (module.as_ptr() as usize, qualname.as_ptr() as usize);
+        let key = (m, q, lane, queue.map(str::to_string));
+        let found = self.cache.lock().get(&key).map(|(_, _, s)| s.clone());
+        let series = match found {
+            Some(series) => series,
+            None => {
+                let series = make(import_name(func));
+                self.cache
+                    .lock()
+                    .insert(key, (module.unbind(), qualname.unbind(), series.clone()));
+                series
+            }
+        };
+        if queue.is_none() && names.is_some() {
+            LAST.set(Some((self.id, m, q, lane, series.clone())));
         }
-        let series = make(import_name(func));
-        self.cache
-            .lock()
-            .insert(key, (module.unbind(), qualname.unbind(), series.clone()));
         series
     }
 
@@ -260,6 +254,11 @@ impl Observer {
                     .get(&Arc::from(name), job.lane, &Arc::from(queue)),
             );
         }
+    }
+
+    /// Whether some hook wants events of this kind.
+    pub fn wants(&self, event: Event) -> bool {
+        self.wanted.load(Relaxed) & (1 << (event as u8)) != 0
     }
 
     /// Counts `event` for `job` and hands it to the hooks, if any.
@@ -281,7 +280,7 @@ impl Observer {
         if event != Event::Started {
             series.count(event);
         }
-        if self.wanted.load(Relaxed) & (1 << (event as u8)) == 0 {
+        if !self.wants(event) {
             return;
         }
         let events = self.events.lock().clone();

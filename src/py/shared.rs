@@ -276,8 +276,11 @@ impl Shared {
                 Status::Failed => (Event::Failed, job.last_run()),
                 _ => (Event::Cancelled, None),
             };
+            // The error is read only for a hook that will get it.
             let error = match status {
-                Status::Failed => job.outcome_object(py).map(|(_, e)| e),
+                Status::Failed if self.observer.wants(event) => {
+                    job.outcome_object(py).map(|(_, e)| e)
+                }
                 _ => None,
             };
             self.observer.record(&job, event, ran, error.as_ref());

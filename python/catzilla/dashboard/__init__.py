@@ -98,8 +98,7 @@ class Dashboard:
 
     def install(self) -> None:
         app, p = self.app, self.path
-        app._observe_tasks()
-        app._http_metrics = True
+        app._observe()
         app.route(p)(self._guard(self.page))
         app.route(f"{p}/login", methods=["GET", "POST"])(self.login)
         app.route(f"{p}/static/{{name}}")(self._guard(self.static))
