@@ -77,6 +77,16 @@ BENCH_SCRIPTS = (
         needs=("wrk",),
     ),
     Bench(
+        "bench_params.py",
+        (
+            rf"^\s+1\s+{NUM}\s+{NUM}\s+{NUM}x$",
+            rf"^  HTTP \(1/rps\):\s+median {NUM}x",
+            rf"^  in process \(handler\):\s+{NUM}x \(model {NUM} us, hand {NUM} us",
+            r"^target: model/hand <= 1\.3x over HTTP: (met|NOT met)$",
+        ),
+        needs=("wrk",),
+    ),
+    Bench(
         "bench_periodic.py",
         (
             rf"^  catzilla\s+{NUM}\s+{NUM}\s+{NUM}\s*$",

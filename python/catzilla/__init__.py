@@ -1,10 +1,12 @@
 """catzilla: a Python web framework with a Rust background task engine."""
 
 from .app import Catzilla
+from .app import Catzilla as App  # Catzilla 0.2's alias
 from .background_tasks import (
     BackgroundTasks,
     EngineStats,
     PeriodicTask,
+    TaskFuture,
     TaskPriority,
     TaskResult,
     TaskStatus,
@@ -12,7 +14,12 @@ from .background_tasks import (
 )
 from .errors import BadRequestError, HTTPError
 from .web import (
+    BaseModel,
+    Body,
     EventSourceResponse,
+    Field,
+    Form,
+    Header,
     HTMLResponse,
     JSONResponse,
     Path,
@@ -25,13 +32,19 @@ from .web import (
 )
 
 __all__ = [
+    "App",
     "BackgroundTasks",
     "BadRequestError",
+    "BaseModel",
+    "Body",
     "Catzilla",
     "EngineStats",
     "EventSourceResponse",
+    "Field",
+    "Form",
     "HTMLResponse",
     "HTTPError",
+    "Header",
     "JSONResponse",
     "Path",
     "PeriodicTask",
@@ -41,6 +54,7 @@ __all__ = [
     "Response",
     "ServerSentEvent",
     "StreamingResponse",
+    "TaskFuture",
     "TaskPriority",
     "TaskResult",
     "TaskStatus",

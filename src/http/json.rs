@@ -7,7 +7,8 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 const MAX_DEPTH: usize = 200;
 
 /// Serializes `value` as JSON: dict, list, tuple, str, int, float, bool and
-/// None, plus enums (their value) and date/time objects (ISO 8601 text).
+/// None, plus pydantic models (as pydantic writes them), enums (their value)
+/// and date/time objects (ISO 8601 text).
 /// Non-finite floats become `null`. Anything else raises `TypeError`.
 pub fn to_json(value: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
     let mut out = Vec::with_capacity(128);
@@ -78,6 +79,8 @@ fn write(value: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> PyResult<
             write(&v, out, depth + 1)?;
         }
         out.push(b']');
+    } else if let Some(text) = model_json(value)? {
+        out.extend_from_slice(text.as_bytes());
     } else if let Some(inner) = enum_value(value)? {
         write(&inner, out, depth + 1)?;
     } else if value.hasattr("isoformat")? {
@@ -90,6 +93,16 @@ fn write(value: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> PyResult<
         )));
     }
     Ok(())
+}
+
+/// A pydantic model instance as JSON, written by pydantic itself; None for
+/// anything else.
+pub fn model_json(value: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+    if value.is_instance_of::<pyo3::types::PyType>() || !value.hasattr("__pydantic_serializer__")? {
+        return Ok(None);
+    }
+    let text = value.call_method0("model_dump_json")?;
+    Ok(Some(text.extract()?))
 }
 
 fn enum_value<'py>(value: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {

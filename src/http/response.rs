@@ -304,7 +304,7 @@ pub fn error_response(status: u16, message: &str, extra: &[(&str, &str)]) -> Htt
 }
 
 /// Converts a handler's return value: a `Response`, a dict or list (JSON),
-/// a str (plain text), bytes, or None (204 No Content).
+/// a pydantic model (JSON), a str (plain text), bytes, or None (204 No Content).
 pub fn to_http(value: &Bound<'_, PyAny>, streams: &dyn Streams) -> PyResult<HttpResponse> {
     let py = value.py();
     if let Ok(streaming) = value.cast::<StreamingResponse>() {
@@ -336,13 +336,16 @@ pub fn to_http(value: &Bound<'_, PyAny>, streams: &dyn Streams) -> PyResult<Http
         return Response::build(py, 200, body, "application/octet-stream".into(), None)?
             .to_http(py);
     }
+    if let Some(text) = super::json::model_json(value)? {
+        return Ok(json_response(200, text.into_bytes()));
+    }
     if value.is_none() {
         let mut resp = http::Response::new(full(Bytes::new()));
         *resp.status_mut() = http::StatusCode::NO_CONTENT;
         return Ok(resp);
     }
     Err(PyTypeError::new_err(format!(
-        "a handler must return a Response, dict, list, str, bytes or None, not {}",
+        "a handler must return a Response, dict, list, model, str, bytes or None, not {}",
         value.get_type().name()?
     )))
 }
