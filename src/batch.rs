@@ -7,7 +7,10 @@
 //! channel are counted, and the count goes with the next batch: the sink
 //! learns what it missed, never silently.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,6 +33,8 @@ enum Msg<T> {
 pub struct Batcher<T> {
     tx: Sender<Msg<T>>,
     dropped: Arc<AtomicU64>,
+    /// Items queued and not yet handed to the sink (or being handed).
+    pending: Arc<AtomicU64>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -42,22 +47,31 @@ where
     pub fn start(name: &str, sink: Py<PyAny>, capacity: usize) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
         let dropped = Arc::new(AtomicU64::new(0));
-        let counted = dropped.clone();
+        let pending = Arc::new(AtomicU64::new(0));
+        let counted = (dropped.clone(), pending.clone());
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || run(&rx, &sink, &counted))?;
+            .spawn(move || run(&rx, &sink, &counted.0, &counted.1))?;
         Ok(Self {
             tx,
             dropped,
+            pending,
             thread: Mutex::new(Some(thread)),
         })
     }
 
     /// Queues one item; never waits.
     pub fn record(&self, item: T) {
+        self.pending.fetch_add(1, SeqCst);
         if self.tx.try_send(Msg::Item(item)).is_err() {
+            self.pending.fetch_sub(1, SeqCst);
             self.dropped.fetch_add(1, Relaxed);
         }
+    }
+
+    /// How many items are queued or being handed to the sink.
+    pub fn pending(&self) -> u64 {
+        self.pending.load(SeqCst)
     }
 
     /// Hands over what is queued and stops the thread, waiting up to
@@ -85,7 +99,7 @@ impl<T> Drop for Batcher<T> {
     }
 }
 
-fn run<T>(rx: &Receiver<Msg<T>>, sink: &Py<PyAny>, dropped: &AtomicU64)
+fn run<T>(rx: &Receiver<Msg<T>>, sink: &Py<PyAny>, dropped: &AtomicU64, pending: &AtomicU64)
 where
     for<'py> T: IntoPyObject<'py>,
 {
@@ -108,6 +122,7 @@ where
         let missed = dropped.swap(0, Relaxed);
         if !items.is_empty() || missed > 0 {
             let batch = std::mem::take(&mut items);
+            let count = batch.len() as u64;
             let guard = ParkOnForcedUnwind;
             let handed = Python::try_attach(|py| {
                 let sent = PyList::new(py, batch).and_then(|list| sink.call1(py, (list, missed)));
@@ -116,6 +131,7 @@ where
                 }
             });
             guard.disarm();
+            pending.fetch_sub(count, SeqCst);
             if handed.is_none() {
                 return; // the interpreter is gone
             }

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from . import _sockets
+from . import _sockets, compat
 from ._catzilla import Routes, Server
 from ._signals import StopSignals
 from ._sockets import DEFAULT_BACKLOG
@@ -20,6 +20,7 @@ from .background_tasks import (
     PeriodicTask,
     TaskFunction,
     TaskInfo,
+    TaskPriority,
     TaskResult,
     TaskStatus,
     task,
@@ -54,9 +55,14 @@ class Catzilla:
     ``body_read_timeout`` how long a request body may take to arrive (then
     408), and ``max_pending_requests`` how many requests may wait for a handler thread
     before new ones are answered 503 with ``Retry-After``, and ``max_connections``
-    how many connections are served at once (one more gets 503 and is closed). Other keyword
-    arguments of the original Catzilla (``production``, ...) are accepted and
-    ignored, so existing code keeps working.
+    how many connections are served at once (one more gets 503 and is closed).
+    ``title``, ``description`` and ``version`` describe the app and are kept as
+    attributes of the same names.
+
+    Catzilla 0.2's options that have no effect here (``production``,
+    ``use_jemalloc``, ``show_banner``, ...; see ``catzilla.compat.APP_OPTIONS``)
+    are accepted with one ``DeprecationWarning`` each, so 0.2 programs keep
+    working; any other unknown keyword argument raises ``TypeError``.
     """
 
     def __init__(
@@ -70,8 +76,13 @@ class Catzilla:
         max_pending_requests: int = 4096,
         body_read_timeout: float = 30.0,
         max_connections: int = 10_000,
-        **_compat: Any,
+        title: str | None = None,
+        description: str | None = None,
+        version: str | None = None,
+        **legacy: Any,
     ) -> None:
+        if legacy:
+            compat.accept_legacy("Catzilla", legacy, compat.APP_OPTIONS, Catzilla)
         for name, value in (
             ("max_body_size", max_body_size),
             ("handler_threads", handler_threads),
@@ -81,6 +92,12 @@ class Catzilla:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name, text in (("title", title), ("description", description), ("version", version)):
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"{name} must be a str or None, got {text!r}")
+        self.title = title
+        self.description = description
+        self.version = version
         self.tasks: BackgroundTasks | None = None
         self._task_options: dict[str, Any] = {}
         self.max_body_size = max_body_size
@@ -216,19 +233,7 @@ class Catzilla:
         (new connections are refused) unless another process shares it."""
         if access_log:
             _default_access_handler()
-        server = Server(
-            routes=self._routes,
-            max_body_size=self.max_body_size,
-            handler_threads=self.handler_threads,
-            io_threads=self.io_threads,
-            header_read_timeout=self.header_read_timeout,
-            body_read_timeout=self.body_read_timeout,
-            max_pending_requests=self.max_pending_requests,
-            max_connections=self.max_connections,
-            access_log=bool(access_log),
-            forwarded_allow_ips=_proxy_list(forwarded_allow_ips),
-            metrics=self._http_metrics,
-        )
+        server = self._new_server(access_log=access_log, forwarded_allow_ips=forwarded_allow_ips)
         if self._dashboard is not None:
             self._dashboard.check_address(sock)
         server.adopt(sock.fileno())
@@ -265,6 +270,27 @@ class Catzilla:
                 if self._dashboard is not None:
                     self._dashboard.stop()
 
+    def _new_server(
+        self,
+        *,
+        access_log: bool = False,
+        forwarded_allow_ips: str | Sequence[str] | None = None,
+    ) -> Server:
+        """The native server for this app's routes and settings, not yet serving."""
+        return Server(
+            routes=self._routes,
+            max_body_size=self.max_body_size,
+            handler_threads=self.handler_threads,
+            io_threads=self.io_threads,
+            header_read_timeout=self.header_read_timeout,
+            body_read_timeout=self.body_read_timeout,
+            max_pending_requests=self.max_pending_requests,
+            max_connections=self.max_connections,
+            access_log=bool(access_log),
+            forwarded_allow_ips=_proxy_list(forwarded_allow_ips),
+            metrics=self._http_metrics,
+        )
+
     def stop(self) -> None:
         """Asks a running ``listen`` to stop gracefully; callable from any thread."""
         if self._server is not None:
@@ -274,11 +300,14 @@ class Catzilla:
 
     def enable_background_tasks(self, **options: Any) -> BackgroundTasks:
         """Starts the background task engine with ``BackgroundTasks``' parameters
-        and stores it as ``app.tasks``. Enabling twice raises ``RuntimeError``."""
+        and stores it as ``app.tasks``. Enabling twice raises ``RuntimeError``.
+        Catzilla 0.2's ``enable_c_compilation`` is accepted with a
+        ``DeprecationWarning`` and has no effect."""
         if self.tasks is not None and not self.tasks.is_forked:
             raise RuntimeError("background tasks are already enabled for this app")
         self.tasks = BackgroundTasks(**options)
-        self._task_options = options
+        # Kept to start a fresh engine in a child of os.fork(), which warns no more.
+        self._task_options = {k: v for k, v in options.items() if k != "enable_c_compilation"}
         self._apply_observation(self.tasks)
         return self.tasks
 
@@ -368,21 +397,27 @@ class Catzilla:
         return tasks
 
     def add_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskResult:
-        """Queues ``func(*args, **kwargs)`` on the engine; see ``BackgroundTasks.add_task``."""
+        """Queues ``func(*args, **kwargs)`` on the engine; see ``BackgroundTasks.add_task``.
+        Catzilla 0.2's ``compile_to_c`` is accepted with a ``DeprecationWarning``."""
         return self._engine().add_task(func, *args, **kwargs)
 
     @overload
     def task(self, func: Callable[P, R], /) -> TaskFunction[P, R]: ...
     @overload
     def task(
-        self, /, **options: Unpack[TaskOptions]
+        self, priority: TaskPriority | None = None, /, **options: Unpack[TaskOptions]
     ) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
     def task(
-        self, func: Callable[..., Any] | None = None, /, **options: Unpack[TaskOptions]
+        self,
+        func: Callable[..., Any] | TaskPriority | None = None,
+        /,
+        **options: Unpack[TaskOptions],
     ) -> Any:
         """The ``@task`` decorator (see ``catzilla.background_tasks.task``),
         available once the engine is enabled."""
         self._engine()
+        if isinstance(func, TaskPriority):  # Catzilla 0.2's @app.task(TaskPriority.HIGH)
+            return task(func, **options)
         decorate = task(**options)
         return decorate(func) if func is not None else decorate
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
 
 from . import _runtime  # noqa: F401 - hands the native core its Python objects first
 from . import periodic as _periodic
-from ._catzilla import Engine, PeriodicTask, _after_fork_in_child
+from ._catzilla import Engine, PeriodicTask, TaskResult, _after_fork_in_child
+from .compat import ENGINE_OPTIONS, warn_ignored
 from .enums import TaskPriority, TaskStatus
 from .errors import StorageError
 from .periodic import PeriodicOptions
@@ -119,10 +121,13 @@ def _drain_at_exit() -> None:
 
 
 class BackgroundTasks(Engine):
-    """The background task engine. See the docs for every parameter's effect."""
+    """The background task engine. See the docs for every parameter's effect.
+    Catzilla 0.2's ``enable_c_compilation`` is accepted with a
+    ``DeprecationWarning`` and has no effect."""
 
     exit_timeout: float
     config: dict[str, Any]
+    _drain_mark: int
 
     def __new__(
         cls,
@@ -132,6 +137,7 @@ class BackgroundTasks(Engine):
         queue_size: int = 10000,
         enable_auto_scaling: bool = True,
         memory_pool_mb: float = 500,
+        enable_c_compilation: bool | None = None,
         enable_profiling: bool = False,
         *,
         result_ttl: float = 3600.0,
@@ -149,6 +155,10 @@ class BackgroundTasks(Engine):
         queues: list[str] | None = None,
         lease_timeout: float = 30.0,
     ) -> BackgroundTasks:
+        if enable_c_compilation is not None:  # Catzilla 0.2's; nothing is compiled here
+            warn_ignored(
+                "BackgroundTasks", "enable_c_compilation", ENGINE_OPTIONS["enable_c_compilation"]
+            )
         workers = OVERRIDES.get("workers", workers)
         max_workers = OVERRIDES.get("max_workers", max_workers)
         queues = OVERRIDES.get("queues", queues)
@@ -204,6 +214,7 @@ class BackgroundTasks(Engine):
             flush_timeout=STORE_FLUSH_TIMEOUT,
         )
         self.exit_timeout = exit_timeout
+        self._drain_mark = 0
         self.config = {
             "workers": workers,
             "min_workers": min_workers,
@@ -325,6 +336,75 @@ class BackgroundTasks(Engine):
         """Stops intake, lets work finish up to ``timeout`` seconds (with
         ``wait_for_completion``), cancels and reports the rest. See the docs."""
         return self._shutdown(wait_for_completion, timeout)
+
+    def drain(self, timeout: float = 30.0) -> list[TaskResult]:
+        """Waits until nothing is queued, scheduled, running or awaiting a
+        retry (and the callbacks of finished tasks, which may queue more, have
+        run), then returns the handles of the tasks that finished since the
+        previous ``drain`` (or since the engine started), in the order they
+        finished. Periodic schedules do not count: their next run is not due.
+        With a store, the tasks this process queued must be finished, wherever
+        they run, and the store's queues empty.
+
+        Raises ``TimeoutError`` when work is still going on after ``timeout``
+        seconds. Made for tests: queue work, ``drain()``, assert on results::
+
+            app.add_task(send_email, "a@example.com")
+            [done] = app.tasks.drain(timeout=5)
+            assert done.result() == "sent"
+        """
+        deadline = time.monotonic() + _non_negative("timeout", timeout)
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if not self._settle(left):
+                raise TimeoutError(self._busy_report(timeout))
+            if not self._store_waiting():
+                break
+            if time.monotonic() >= deadline:
+                raise TimeoutError(self._busy_report(timeout))
+            time.sleep(0.005)  # others' tasks still wait in the store
+        done, self._drain_mark = self._finished_since(self._drain_mark)
+        return done
+
+    def run_until_idle(self, timeout: float = 30.0) -> list[TaskResult]:
+        """The same as ``drain``."""
+        return self.drain(timeout)
+
+    def _store_waiting(self) -> int:
+        """Tasks waiting in the store's queues this engine serves (0 without one)."""
+        if not self._store_readable():
+            return 0
+        return sum(self._queue_depths(self.queues) or [])
+
+    def _busy_report(self, timeout: float) -> str:
+        stats = self.get_stats()
+        busy = [
+            f"{stats.total_queued} queued ({stats.scheduled_tasks} scheduled or awaiting a retry)",
+            f"{stats.running_tasks} running",
+        ]
+        counts = [stats.total_queued, stats.running_tasks]
+        if self.config["storage"] is not None:
+            # NOTE: what this process queued may run in another one: such a
+            # task is neither queued nor running here, yet drain waits for it.
+            unfinished = sum(
+                len(self._list(status, MAX_COUNT))
+                for status in (
+                    TaskStatus.PENDING,
+                    TaskStatus.SCHEDULED,
+                    TaskStatus.RUNNING,
+                    TaskStatus.RETRYING,
+                )
+            )
+            waiting = self._store_waiting()
+            busy += [
+                f"{waiting} waiting in the store",
+                f"{unfinished} of its tasks not final yet (they may run in another process)",
+            ]
+            counts += [waiting, unfinished]
+        report = f"the engine was still busy after {timeout} s: " + ", ".join(busy)
+        if not any(counts):
+            report += "; the completion callbacks of a finished task are still running"
+        return report
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Waits until everything handed to the store is committed (at once

@@ -108,15 +108,24 @@ impl Streams for Shared {
     }
 }
 
+/// Connections made in this process (`Server.exchange`), for tests.
+type MemoryConns = tokio::sync::mpsc::UnboundedReceiver<tokio::io::DuplexStream>;
+
+/// The client address an in-memory connection reports: a local one.
+const MEMORY_PEER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50000);
+
 /// The listening socket, as adopted and as served.
 enum StdListener {
     Tcp(std::net::TcpListener),
     Unix(std::os::unix::net::UnixListener),
+    Memory(MemoryConns),
 }
 
 enum Listener {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
+    Memory(tokio::sync::Mutex<MemoryConns>),
 }
 
 impl Listener {
@@ -124,6 +133,7 @@ impl Listener {
         Ok(match listener {
             StdListener::Tcp(l) => Self::Tcp(tokio::net::TcpListener::from_std(l)?),
             StdListener::Unix(l) => Self::Unix(tokio::net::UnixListener::from_std(l)?),
+            StdListener::Memory(rx) => Self::Memory(tokio::sync::Mutex::new(rx)),
         })
     }
 
@@ -136,6 +146,11 @@ impl Listener {
                 Ok((Conn::Tcp(stream), Some(peer)))
             }
             Self::Unix(l) => Ok((Conn::Unix(l.accept().await?.0), None)),
+            Self::Memory(rx) => match rx.lock().await.recv().await {
+                Some(stream) => Ok((Conn::Memory(stream), Some(MEMORY_PEER))),
+                // The server is being dropped: nothing can connect any more.
+                None => std::future::pending().await,
+            },
         }
     }
 }
@@ -143,6 +158,7 @@ impl Listener {
 enum Conn {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+    Memory(tokio::io::DuplexStream),
 }
 
 #[derive(Default)]
@@ -182,6 +198,8 @@ pub struct Server {
     header_timeout: Duration,
     listener: Mutex<Option<StdListener>>,
     running: Mutex<Option<Running>>,
+    /// Where `exchange` hands its connections, once serving in memory.
+    memory: Mutex<Option<tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>>>,
     stop_requested: Arc<Flag>,
     stopped: AtomicBool,
 }
@@ -254,6 +272,7 @@ impl Server {
             header_timeout,
             listener: Mutex::new(None),
             running: Mutex::new(None),
+            memory: Mutex::new(None),
             stop_requested: Arc::new(Flag::default()),
             stopped: AtomicBool::new(false),
         })
@@ -314,6 +333,73 @@ impl Server {
         }
     }
 
+    /// Starts serving connections made in this process only (`exchange`),
+    /// without a socket; returns at once. `stop` ends it as usual.
+    fn serve_in_memory(&self, py: Python<'_>) -> PyResult<()> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.listener.lock() = Some(StdListener::Memory(rx));
+        self.start(py)?;
+        *self.memory.lock() = Some(tx);
+        Ok(())
+    }
+
+    /// Sends one request over a new in-memory connection and waits, with the
+    /// GIL released, up to `timeout` seconds for the whole response: returns
+    /// (status, headers, body). Raises `TimeoutError` when the response does
+    /// not end in time (an endless stream, a stuck handler).
+    #[pyo3(signature = (method, target, headers, body, timeout))]
+    fn exchange<'py>(
+        &self,
+        py: Python<'py>,
+        method: &str,
+        target: &str,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        timeout: f64,
+    ) -> PyResult<Exchanged<'py>> {
+        let request = memory_request(method, target, &headers, body)?;
+        let timeout = Duration::try_from_secs_f64(timeout)
+            .map_err(|_| PyValueError::new_err("timeout must be a number of seconds >= 0"))?;
+        let not_serving =
+            || PyRuntimeError::new_err("the server is not serving in memory (or has stopped)");
+        let tx = self.memory.lock().clone().ok_or_else(not_serving)?;
+        let handle = self
+            .running
+            .lock()
+            .as_ref()
+            .map(|r| r.runtime.handle().clone())
+            .ok_or_else(not_serving)?;
+        let answer = py.detach(move || {
+            handle.block_on(async move {
+                tokio::time::timeout(timeout, memory_exchange(tx, request)).await
+            })
+        });
+        let (parts, bytes) = match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(message)) => return Err(PyRuntimeError::new_err(message)),
+            Err(_) => {
+                return Err(pyo3::exceptions::PyTimeoutError::new_err(format!(
+                    "{method} {target}: the response did not end within {timeout:?}"
+                )))
+            }
+        };
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        Ok((
+            parts.status.as_u16(),
+            headers,
+            pyo3::types::PyBytes::new(py, &bytes),
+        ))
+    }
+
     /// Request counts by route template, method and status, with latency
     /// buckets cumulative at `HTTP_BUCKETS`; empty unless metrics are on.
     fn http_metrics(&self) -> Vec<RouteReading> {
@@ -335,6 +421,7 @@ impl Server {
     /// connection finished in time.
     fn stop(&self, py: Python<'_>, grace: f64) -> PyResult<bool> {
         self.stop_requested.raise();
+        self.memory.lock().take();
         if self.stopped.swap(true, SeqCst) {
             return Ok(true);
         }
@@ -421,6 +508,58 @@ impl Server {
     }
 }
 
+/// What `exchange` returns: status, headers and body.
+type Exchanged<'py> = (u16, Vec<(String, String)>, Bound<'py, pyo3::types::PyBytes>);
+
+/// A request for `exchange`, checked before anything is sent.
+fn memory_request(
+    method: &str,
+    target: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+) -> PyResult<http::Request<http_body_util::Full<Bytes>>> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| PyValueError::new_err(format!("{what}: {e}"));
+    let method = http::Method::from_bytes(method.as_bytes()).map_err(|e| bad("method", &e))?;
+    let uri: http::Uri = target.parse().map_err(|e| bad("target", &e))?;
+    let mut request = http::Request::new(http_body_util::Full::new(Bytes::from(body)));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    for (name, value) in headers {
+        let name =
+            http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| bad("header name", &e))?;
+        let value = http::HeaderValue::from_str(value).map_err(|e| bad("header value", &e))?;
+        request.headers_mut().append(name, value);
+    }
+    Ok(request)
+}
+
+/// One request over a fresh in-memory connection, read to its end.
+async fn memory_exchange(
+    tx: tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>,
+    request: http::Request<http_body_util::Full<Bytes>>,
+) -> Result<(http::response::Parts, Bytes), String> {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tx.send(server)
+        .map_err(|_| "the server has stopped".to_owned())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let driver = tokio::spawn(conn);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("the connection failed: {e}"))?;
+    let (parts, body) = response.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| format!("the response body failed: {e}"))?
+        .to_bytes();
+    drop(sender);
+    driver.abort();
+    Ok((parts, bytes))
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(running) = self.running.lock().take() {
@@ -470,6 +609,7 @@ async fn accept_loop(
                 match conn {
                     Conn::Tcp(stream) => serve_connection(stream, peer, &shared, &open, &http, &over_cap, &conns),
                     Conn::Unix(stream) => serve_connection(stream, peer, &shared, &open, &http, &over_cap, &conns),
+                    Conn::Memory(stream) => serve_connection(stream, peer, &shared, &open, &http, &over_cap, &conns),
                 }
             }
             changed = shutdown.changed() => {

@@ -76,6 +76,7 @@ impl Engine {
         flush_timeout: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let rt = runtime(py)?;
+        super::task::set_anchor();
         let origin = Instant::now();
         let lane = rt.lane_of(default_priority)?;
         let defaults = Defaults {
@@ -223,7 +224,7 @@ impl Engine {
     }
 
     /// Queues `func(*args, **kwargs)`; see the stub for the full contract.
-    #[pyo3(signature = (func, *args, priority=None, delay_ms=None, max_retries=None, timeout_ms=None, queue=None, **kwargs))]
+    #[pyo3(signature = (func, *args, priority=None, delay_ms=None, max_retries=None, timeout_ms=None, queue=None, compile_to_c=None, **kwargs))]
     #[allow(clippy::too_many_arguments)]
     fn add_task(
         &self,
@@ -235,9 +236,14 @@ impl Engine {
         max_retries: Option<&Bound<'_, PyAny>>,
         timeout_ms: Option<&Bound<'_, PyAny>>,
         queue: Option<&Bound<'_, PyAny>>,
+        compile_to_c: Option<&Bound<'_, PyAny>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<TaskResult> {
         self.shared.born.check()?;
+        if compile_to_c.is_some() {
+            // catzilla 0.2's option: accepted, with its DeprecationWarning.
+            runtime(py)?.warn_compile_to_c.call0(py)?;
+        }
         let p = prepare(
             py,
             &self.shared,
@@ -466,6 +472,64 @@ impl Engine {
             return Ok(true);
         };
         Ok(py.detach(|| store.flush(timeout)))
+    }
+
+    /// Waits, detached, until nothing is queued, scheduled, running, awaiting
+    /// a retry or running its callbacks, for up to `timeout` seconds; returns
+    /// whether it got there. Runs signal handlers every 50 ms.
+    fn _settle(&self, py: Python<'_>, timeout: &Bound<'_, PyAny>) -> PyResult<bool> {
+        self.shared.born.check()?;
+        let timeout = args::seconds("timeout", timeout)?;
+        let deadline = crate::clock::due_after(Instant::now(), timeout);
+        let never = crate::clock::due_after(Instant::now(), Duration::MAX);
+        let shared = &self.shared;
+        loop {
+            let until = deadline.min(Instant::now() + Duration::from_millis(50));
+            // NOTE: settled, then quiet, then settled again: a callback that
+            // queues a task does so before it is counted out.
+            let idle = py.detach(|| loop {
+                if shared.sched.wait_settled(never, until)
+                    && shared.quiet()
+                    && shared.sched.wait_settled(never, Instant::now())
+                {
+                    return true;
+                }
+                if Instant::now() >= until {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            });
+            if idle {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            py.check_signals()?;
+        }
+    }
+
+    /// Handles of retained tasks that became final after the mark `after`
+    /// (0: since the start), in the order they did, and the new mark.
+    fn _finished_since(&self, py: Python<'_>, after: u64) -> PyResult<(Vec<TaskResult>, u64)> {
+        self.shared.born.check()?;
+        let shared = &self.shared;
+        let done = py.detach(|| {
+            shared.evict(Instant::now());
+            let mut done: Vec<(u64, Job)> = shared
+                .jobs_where(|j| j.status().is_final())
+                .into_iter()
+                .filter_map(|j| j.finished_ns().filter(|&ns| ns > after).map(|ns| (ns, j)))
+                .collect();
+            done.sort_unstable_by_key(|(ns, j)| (*ns, j.seq));
+            done
+        });
+        let mark = done.last().map_or(after, |(ns, _)| *ns);
+        let handles = done
+            .into_iter()
+            .map(|(_, j)| TaskResult::of(j, &self.shared))
+            .collect();
+        Ok((handles, mark))
     }
 
     /// The first error writing to storage, once writes have failed; None otherwise.

@@ -368,8 +368,10 @@ impl Shared {
         kind: u8,
         value: Bound<'_, PyAny>,
     ) -> PyResult<()> {
+        // NOTE: counted out at the end, once the task's callbacks ran or its
+        // retry is queued, so `drain` never sees a gap with nothing counted.
+        let _running = super::shared::CountDown(&self.counters.async_running);
         let rt = runtime(py)?;
-        self.counters.async_running.fetch_sub(1, SeqCst);
         let job = done.job.clone();
         self.ran(&job, &self.async_histogram, done.started.elapsed());
         if job.attempts() != done.attempt {

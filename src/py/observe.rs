@@ -256,6 +256,11 @@ impl Observer {
         }
     }
 
+    /// Task events not yet handed to the hooks.
+    pub fn pending_events(&self) -> u64 {
+        self.events.lock().as_ref().map_or(0, |e| e.pending())
+    }
+
     /// Whether some hook wants events of this kind.
     pub fn wants(&self, event: Event) -> bool {
         self.wanted.load(Relaxed) & (1 << (event as u8)) != 0

@@ -43,6 +43,18 @@ pub struct Counters {
     pub panicked: AtomicU64,
     pub async_running: AtomicU64,
     pub pending_bytes: AtomicU64,
+    /// Tasks between their final state and the end of their callbacks
+    /// (which may queue more work: `drain` waits for them).
+    pub concluding: AtomicU64,
+}
+
+/// Counts one down when dropped, however the scope ends.
+pub(crate) struct CountDown<'a>(pub(crate) &'a AtomicU64);
+
+impl Drop for CountDown<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
 }
 
 pub(crate) struct Retention {
@@ -261,6 +273,8 @@ impl Shared {
         in_flight: bool,
         record: bool,
     ) {
+        self.counters.concluding.fetch_add(1, SeqCst);
+        let _concluding = CountDown(&self.counters.concluding);
         // A task already final (its news came first, say) is not counted,
         // settled or recorded twice; a worker's slot is still given back.
         let Some((callbacks, call)) = job.finish(py, status, outcome) else {
@@ -433,6 +447,23 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Whether no task is past its queue but not yet done with: none on the
+    /// event loop, none running its callbacks, no task event waiting for the
+    /// app's hooks, and, with a store, none that this process submitted and
+    /// is not final (it may run elsewhere).
+    pub(crate) fn quiet(&self) -> bool {
+        if self.counters.async_running.load(SeqCst) > 0
+            || self.counters.concluding.load(SeqCst) > 0
+            || self.observer.pending_events() > 0
+        {
+            return false;
+        }
+        self.store_queue.is_none()
+            || self
+                .jobs_where(|j| j.local && !j.status().is_final())
+                .is_empty()
     }
 
     /// One in-flight task is done; after a large backlog drained, gives

@@ -29,13 +29,29 @@ pub enum Outcome {
     Cancelled(Py<PyAny>),
 }
 
+/// A function to call once a task is final.
+pub enum Callback {
+    /// `add_done_callback`: called with the task's handle, whatever the outcome.
+    Done(Py<PyAny>),
+    /// `add_callback`: called with the task's value, on success only.
+    Value(Py<PyAny>),
+}
+
+impl Callback {
+    pub fn func(&self) -> &Py<PyAny> {
+        match self {
+            Callback::Done(f) | Callback::Value(f) => f,
+        }
+    }
+}
+
 pub(super) struct Inner {
     pub(super) call: Option<Call>,
     /// The function, kept after the arguments are released, for `name`.
     pub(super) func: Option<Py<PyAny>>,
     pub(super) outcome: Outcome,
     pub(super) errors: Vec<Py<PyAny>>,
-    pub(super) callbacks: Vec<Py<PyAny>>,
+    pub(super) callbacks: Vec<Callback>,
     pub(super) progress: f64,
     pub(super) step: Option<Box<str>>,
     /// When it became final, in ns from the clock anchor.
@@ -53,6 +69,12 @@ pub use crate::clock::epoch_now;
 fn anchor() -> (Instant, f64) {
     static ANCHOR: std::sync::OnceLock<(Instant, f64)> = std::sync::OnceLock::new();
     *ANCHOR.get_or_init(|| (Instant::now(), epoch_now()))
+}
+
+/// Reads the clocks for the anchor now, if not yet: before any task is made,
+/// so no task's creation time comes before it (it would read as the anchor).
+pub fn set_anchor() {
+    anchor();
 }
 
 /// Nanoseconds from the anchor to `at` (at least 1, so 0 can mean "never").
@@ -108,7 +130,11 @@ impl TaskState {
             Outcome::Value(v) | Outcome::Error(v) | Outcome::Cancelled(v) => visit.call(v)?,
             Outcome::Pending => {}
         }
-        for o in inner.errors.iter().chain(&inner.callbacks) {
+        for o in inner
+            .errors
+            .iter()
+            .chain(inner.callbacks.iter().map(Callback::func))
+        {
             visit.call(o)?;
         }
         Ok(())
@@ -180,7 +206,7 @@ pub struct NewTask {
     pub footprint: u64,
     pub call: Call,
     /// Callbacks attached from the start (a periodic run's bookkeeping).
-    pub callbacks: Vec<Py<PyAny>>,
+    pub callbacks: Vec<Callback>,
     /// Its series, when observation was on as it was made.
     pub series: Option<Arc<crate::tasks::series::Series>>,
 }
@@ -359,7 +385,7 @@ impl TaskState {
         py: Python<'_>,
         status: Status,
         outcome: Outcome,
-    ) -> Option<(Vec<Py<PyAny>>, Option<Call>)> {
+    ) -> Option<(Vec<Callback>, Option<Call>)> {
         let mut inner = self.inner.lock();
         if self.status().is_final() {
             drop(inner);
@@ -384,6 +410,11 @@ impl TaskState {
         drop(inner);
         self.done.notify_all();
         Some((callbacks, call))
+    }
+
+    /// When it became final, in ns from the clock anchor; None before.
+    pub fn finished_ns(&self) -> Option<u64> {
+        self.inner.lock().finished_ns
     }
 
     /// The final value (true) or exception (false), once there is one.
