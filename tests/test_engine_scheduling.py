@@ -502,7 +502,7 @@ def test_cancel_running_or_finished_task_is_refused(engine, blocker):
 def test_callback_called_once_with_the_handle(engine, blocker):
     calls = Recorder()
     r = engine.add_task(blocker, "value")
-    r.add_callback(calls.append)
+    r.add_done_callback(calls.append)
     blocker.wait_started()
     assert len(calls) == 0
     blocker.release()
@@ -522,7 +522,7 @@ def test_callback_added_after_completion_runs_at_once(engine):
     r = engine.add_task(lambda: "done")
     r.wait(DEADLINE)
     calls = Recorder()
-    r.add_callback(calls.append)
+    r.add_done_callback(calls.append)
     assert calls.snapshot() == [r]
 
 
@@ -531,9 +531,9 @@ def test_callbacks_run_for_failed_and_cancelled_tasks(single, blocker):
     single.add_task(blocker)
     blocker.wait_started()
     failing = single.add_task(lambda: 1 / 0, max_retries=0)
-    failing.add_callback(lambda h: seen.append(("failed", h.status)))
+    failing.add_done_callback(lambda h: seen.append(("failed", h.status)))
     cancelled = single.add_task(int)
-    cancelled.add_callback(lambda h: seen.append(("cancelled", h.status)))
+    cancelled.add_done_callback(lambda h: seen.append(("cancelled", h.status)))
     assert cancelled.cancel() is True
     assert seen.snapshot() == [("cancelled", TaskStatus.CANCELLED)]
     blocker.release()

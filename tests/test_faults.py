@@ -169,8 +169,8 @@ def test_a_raising_callback_is_logged_and_no_worker_dies(
         tasks = []
         for i in range(200):
             t = engine.add_task(pow, i, 2)
-            t.add_callback(bad)
-            t.add_callback(lambda h: seen.append(h.task_id))
+            t.add_done_callback(bad)
+            t.add_done_callback(lambda h: seen.append(h.task_id))
             tasks.append(t)
         assert [t.wait(DEADLINE) for t in tasks] == [i * i for i in range(200)]
         wait_until(lambda: len(seen) == 200, what="the good callbacks to run")
@@ -187,7 +187,7 @@ def test_a_raising_callback_is_logged_and_no_worker_dies(
     # A callback added after the end runs at once; raising there is logged too.
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="catzilla.tasks"):
-        tasks[0].add_callback(bad)
+        tasks[0].add_done_callback(bad)
     assert any("callback" in r.getMessage() for r in caplog.records)
     assert engine.add_task(pow, 2, 5).wait(DEADLINE) == 32
 

@@ -711,6 +711,7 @@ def test_cancel_and_result_of_a_waiting_task(shared):
 def test_add_callback_rejects_non_callables(finished, waiting, func):
     for handle in (finished, waiting):
         rejected(lambda h=handle: h.add_callback(func), TypeError, "callback", "func")
+        rejected(lambda h=handle: h.add_done_callback(func), TypeError, "callback", "func")
 
 
 @settings(max_examples=15, deadline=None)
@@ -720,8 +721,8 @@ def test_add_callback_calls_a_callable_once_after_a_rejected_one(shared, before,
     h = shared.add_task(echo, "cb", delay_ms=delay_ms)
     if not before:
         h.wait(DEADLINE)
-    rejected(lambda: h.add_callback(bad), TypeError)
-    h.add_callback(lambda handle: calls.append((type(handle), handle.task_id)))
+    rejected(lambda: h.add_done_callback(bad), TypeError)
+    h.add_done_callback(lambda handle: calls.append((type(handle), handle.task_id)))
     h.wait(DEADLINE)
     wait_until(lambda: len(calls) >= 1, what="the callback")
     assert calls.snapshot() == [(TaskResult, h.task_id)]

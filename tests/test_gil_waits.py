@@ -99,7 +99,7 @@ def test_a_callback_that_shuts_the_engine_down_during_shutdown_gets_an_error():
             except RuntimeError as exc:
                 seen.append(str(exc))
 
-        queued.add_callback(again)
+        queued.add_done_callback(again)
         report = engine.shutdown(wait_for_completion=False, timeout=1)
         hold.set()
         assert queued.task_id in report["cancelled"], report

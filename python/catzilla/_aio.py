@@ -126,6 +126,6 @@ async def await_result(handle: Any) -> Any:
         except RuntimeError:
             pass  # the awaiting loop is closed; nobody is waiting any more
 
-    handle.add_callback(on_done)
+    handle.add_done_callback(on_done)
     await finished
     return handle.result()

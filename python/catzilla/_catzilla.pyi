@@ -6,6 +6,7 @@ from typing import Any, Self, final
 from typing_extensions import disjoint_base
 
 from catzilla.background_tasks import TaskPriority, TaskStatus
+from catzilla.task_info import TaskStats
 
 def _init_runtime(spec: dict[str, Any]) -> None:
     """Hands the enums, exception classes and helpers to the native layer (once)."""
@@ -25,6 +26,12 @@ def _after_fork_in_child() -> None:
 @final
 class TaskResult:
     """The handle of one background task."""
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        """``TaskResult[T]`` in annotations."""
+    def __new__(cls, task_id: str, engine: Engine) -> Self:
+        """The handle of a task ``engine`` knows (``engine.get_result(task_id)``);
+        ``ValueError`` for an unknown id."""
 
     @property
     def task_id(self) -> str:
@@ -77,10 +84,16 @@ class TaskResult:
     def cancel(self) -> bool:
         """Cancels the task while it waits in the queue (pending, scheduled, or
         waiting to retry); returns whether it did. A running attempt is not stopped."""
-    def add_callback(self, func: Callable[[TaskResult], object]) -> None:
-        """Calls ``func(handle)`` once the task finishes (at once if it has), where
-        ``handle`` is a ``TaskResult`` for this task (same ``task_id``). A callback
-        that raises is logged to ``catzilla.tasks``."""
+    def add_callback(self, func: Callable[[Any], object]) -> None:
+        """Calls ``func(value)`` once the task succeeds (at once if it has), as
+        catzilla 0.2 did; never for a task that fails or is cancelled (see
+        ``add_done_callback``). A callback that raises is logged to ``catzilla.tasks``."""
+    def add_done_callback(self, func: Callable[[TaskResult], object]) -> None:
+        """Calls ``func(handle)`` once the task is final, whatever the outcome (at
+        once if it is), as ``concurrent.futures`` does; ``handle`` is a
+        ``TaskResult`` for this task. A callback that raises is logged."""
+    def get_stats(self) -> TaskStats:
+        """The task's timings and attempts in catzilla 0.2's ``TaskStats`` shape."""
     def __await__(self) -> Generator[Any, None, Any]:
         """``await result`` suspends until the task finishes and returns its value."""
 
@@ -148,6 +161,10 @@ class TaskDefaults:
 @final
 class EngineStats:
     """One reading of the engine's statistics; docs/background-tasks.md defines each."""
+
+    def __new__(cls, **fields: Any) -> Self:
+        """A reading made by hand: the fields given, zero (or None) for the rest;
+        ``TypeError`` for an unknown field or a value of the wrong type."""
 
     critical_queue_size: int
     high_queue_size: int
@@ -239,10 +256,12 @@ class Engine:
         max_retries: int | None = None,
         timeout_ms: float | None = None,
         queue: str | None = None,
+        compile_to_c: bool | None = None,
         **kwargs: Any,
     ) -> TaskResult:
-        """Queues ``func(*args, **kwargs)`` and returns at once. An option left as
-        None takes the engine's default (NORMAL, 0, 3, 30000 unless configured);
+        """Queues ``func(*args, **kwargs)`` and returns at once. ``compile_to_c``
+        (catzilla 0.2's) is accepted with a ``DeprecationWarning`` and does nothing.
+        An option left as None takes the engine's default (NORMAL, 0, 3, 30000 unless configured);
         ``timeout_ms=0`` means no timeout; ``queue`` names the queue (``"default"``),
         which only a shared store tells apart. Raises ``TypeError`` (func, priority,
         numbers; with a shared store, a function not importable by name or arguments
@@ -309,6 +328,12 @@ class Engine:
         """Queues a failed task's call again as a new task (same priority,
         retries, timeout and queue); ``ValueError`` for a task that is unknown,
         not failed, or whose call this process does not hold."""
+    def _settle(self, timeout: float) -> bool:
+        """Waits until nothing is queued, scheduled, running, awaiting a retry or
+        running its callbacks, up to ``timeout`` seconds; returns whether it was."""
+    def _finished_since(self, after: int) -> tuple[list[TaskResult], int]:
+        """Handles of retained tasks final after the mark ``after`` (0: all), in
+        the order they finished, and the new mark."""
     def _queue_depths(self, queues: list[str]) -> list[int] | None:
         """Tasks waiting (ready or delayed) in each named queue of the store;
         None without a store."""
@@ -498,6 +523,13 @@ class Server:
         forwarded_allow_ips: list[str] = ...,
         metrics: bool = False,
     ) -> Self: ...
+    def serve_in_memory(self) -> None:
+        """Serves connections made in this process only (``exchange``); returns at once."""
+    def exchange(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, timeout: float
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """One request over a new in-memory connection: (status, headers, body).
+        ``TimeoutError`` when the response does not end within ``timeout`` seconds."""
     def http_metrics(
         self,
     ) -> list[tuple[str, str, list[tuple[int, int]], list[int], int, float]]:

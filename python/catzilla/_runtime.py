@@ -10,10 +10,11 @@ import sys
 from . import _aio, errors
 from ._catzilla import _init_runtime
 from ._log import reporter
+from .compat import warn_compile_to_c
 from .enums import TaskPriority, TaskStatus
 from .recovery import resolve
 from .task_function import TaskFunction
-from .task_info import encode_error
+from .task_info import TaskStats, encode_error
 
 _report = reporter(logging.getLogger("catzilla.tasks"))
 
@@ -41,5 +42,7 @@ _init_runtime(
         "resolve": resolve,
         "NotRestartableError": errors.NotRestartableError,
         "rebuild_error": errors.rebuild_error,
+        "TaskStats": TaskStats,
+        "warn_compile_to_c": warn_compile_to_c,
     }
 )

@@ -3,13 +3,22 @@ coroutines and real statistics, run by a Rust worker pool.
 
 This module gathers the public names; each concept lives in a module named
 after it: ``enums`` (TaskPriority, TaskStatus), ``task_function`` (``@task``,
-``current_task``), ``task_info`` (TaskInfo), ``engine`` (BackgroundTasks, with
-every default), ``recovery``, ``periodic`` and ``errors``.
+``current_task``), ``task_info`` (TaskInfo, TaskStats), ``engine`` (BackgroundTasks,
+with every default), ``recovery``, ``periodic`` and ``errors``; Catzilla 0.2's
+names that have no counterpart of their own (TaskConfig, TaskFuture, the
+global task system) live in ``compat``.
 """
 
 from __future__ import annotations
 
 from ._catzilla import EngineStats, PeriodicTask, TaskResult
+from .compat import (
+    TaskConfig,
+    TaskFuture,
+    add_task,
+    create_task_system,
+    get_global_task_system,
+)
 from .engine import BackgroundTasks
 from .enums import TaskPriority, TaskStatus
 from .errors import (
@@ -28,7 +37,7 @@ from .errors import (
     WorkerLostError,
 )
 from .task_function import TaskFunction, current_task, registered_tasks, task
-from .task_info import TaskInfo
+from .task_info import TaskInfo, TaskStats
 
 __all__ = [
     "BackgroundTasks",
@@ -40,8 +49,10 @@ __all__ = [
     "PeriodicTask",
     "StorageError",
     "TaskCancelledError",
+    "TaskConfig",
     "TaskError",
     "TaskFunction",
+    "TaskFuture",
     "TaskInfo",
     "TaskInterrupt",
     "TaskNotReadyError",
@@ -49,10 +60,14 @@ __all__ = [
     "TaskPriority",
     "TaskQueueFullError",
     "TaskResult",
+    "TaskStats",
     "TaskStatus",
     "TaskTimeoutError",
     "WorkerLostError",
+    "add_task",
+    "create_task_system",
     "current_task",
+    "get_global_task_system",
     "registered_tasks",
     "task",
 ]

@@ -1,5 +1,6 @@
 """``TaskInfo``: one reading of a task's state, from its handle or from its
-stored row; and how a task's error is shown and stored."""
+stored row; ``TaskStats``, the same reading in Catzilla 0.2's shape; and how
+a task's error is shown and stored."""
 
 from __future__ import annotations
 
@@ -110,6 +111,27 @@ class TaskInfo:
             "started_at": None if self.started_at is None else self.started_at.isoformat(),
             "finished_at": None if self.finished_at is None else self.finished_at.isoformat(),
         }
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    """One task's timings, as ``TaskResult.get_stats()`` reads them (the fields
+    of Catzilla 0.2's ``TaskStats``). Times are seconds since the Unix epoch:
+    ``started_at`` is the first attempt's start, ``completed_at`` when the task
+    became final (whatever the outcome), ``execution_time_ms`` the time between
+    them (None until both are known); ``retries`` counts attempts after the
+    first. ``memory_usage_mb`` and ``worker_id`` are not measured per task and
+    stay None."""
+
+    task_id: str
+    status: TaskStatus
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
+    execution_time_ms: float | None = None
+    memory_usage_mb: float | None = None
+    retries: int = 0
+    worker_id: int | None = None
 
 
 def error_record(exc: BaseException) -> dict[str, str]:

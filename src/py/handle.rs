@@ -10,7 +10,7 @@ use pyo3::types::PyList;
 
 use super::fork::Born;
 use super::runtime::runtime;
-use super::task::{anchor_ns, epoch_of_ns, Job, Outcome};
+use super::task::{anchor_ns, epoch_of_ns, Callback, Job, Outcome, Status};
 use crate::errors::{describe, Error};
 use crate::interpreter::ParkOnForcedUnwind;
 
@@ -79,11 +79,34 @@ impl TaskResult {
     }
 }
 
-/// Runs each callback with the task handle, logging any that raise.
-pub fn run_callbacks(py: Python<'_>, handle: &Bound<'_, TaskResult>, callbacks: Vec<Py<PyAny>>) {
+/// Runs each callback: a done-callback with the task handle, a value
+/// callback with the task's value when it succeeded (not at all otherwise).
+/// One that raises is logged.
+pub fn run_callbacks(py: Python<'_>, handle: &Bound<'_, TaskResult>, callbacks: Vec<Callback>) {
     let guard = ParkOnForcedUnwind;
+    let state = &handle.get().state;
+    let value = if state.status() == Status::Completed
+        && callbacks.iter().any(|c| matches!(c, Callback::Value(_)))
+    {
+        state.outcome_object(py).map(|(_, v)| v)
+    } else {
+        None
+    };
     for cb in callbacks {
-        if let Err(err) = cb.bind(py).call1((handle,)) {
+        let (cb, called) = match cb {
+            Callback::Done(cb) => {
+                let called = cb.bind(py).call1((handle,));
+                (cb, called)
+            }
+            Callback::Value(cb) => match &value {
+                Some(v) => {
+                    let called = cb.bind(py).call1((v,));
+                    (cb, called)
+                }
+                None => continue,
+            },
+        };
+        if let Err(err) = called {
             if let Ok(rt) = runtime(py) {
                 let exc = err.into_value(py).into_bound(py).into_any();
                 rt.log(
@@ -92,7 +115,7 @@ pub fn run_callbacks(py: Python<'_>, handle: &Bound<'_, TaskResult>, callbacks: 
                     format!(
                         "callback {} of task {} raised",
                         describe(cb.bind(py)),
-                        handle.get().state.id()
+                        state.id()
                     ),
                     Some(&exc),
                 );
@@ -102,8 +125,68 @@ pub fn run_callbacks(py: Python<'_>, handle: &Bound<'_, TaskResult>, callbacks: 
     guard.disarm();
 }
 
+impl TaskResult {
+    /// Adds a callback, or runs it now when the task is already final.
+    fn attach(slf: &Bound<'_, Self>, func: &Bound<'_, PyAny>, done: bool) -> PyResult<()> {
+        slf.get().born.check()?;
+        if !func.is_callable() {
+            return Err(Error::WrongType("callback", "callable", describe(func)).into());
+        }
+        let wrap = |f: Py<PyAny>| {
+            if done {
+                Callback::Done(f)
+            } else {
+                Callback::Value(f)
+            }
+        };
+        let state = &slf.get().state;
+        {
+            let mut inner = state.inner.lock();
+            if !state.status().is_final() {
+                inner.callbacks.push(wrap(func.clone().unbind()));
+                return Ok(());
+            }
+        }
+        run_callbacks(slf.py(), slf, vec![wrap(func.clone().unbind())]);
+        Ok(())
+    }
+}
+
 #[pymethods]
 impl TaskResult {
+    /// `TaskResult(task_id, engine)`: the handle of a task `engine` knows
+    /// (as `engine.get_result(task_id)`); `ValueError` for an unknown id.
+    #[new]
+    fn py_new(task_id: &Bound<'_, PyAny>, engine: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let found = engine.call_method1("get_result", (task_id,))?;
+        match found.cast::<TaskResult>() {
+            Ok(h) => {
+                let h = h.get();
+                Ok(Self {
+                    state: h.state.clone(),
+                    owner: h.owner.clone(),
+                    born: h.born,
+                })
+            }
+            Err(_) => Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "task_id: the engine has no task {}",
+                describe(task_id)
+            ))),
+        }
+    }
+
+    /// `TaskResult[T]` in annotations (catzilla 0.2's was generic).
+    #[classmethod]
+    fn __class_getitem__<'py>(
+        cls: &Bound<'py, pyo3::types::PyType>,
+        item: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        cls.py()
+            .import("types")?
+            .getattr("GenericAlias")?
+            .call1((cls, item))
+    }
+
     /// The task's unique id.
     #[getter]
     fn task_id(&self) -> String {
@@ -177,7 +260,7 @@ impl TaskResult {
     /// When it reached a final state, in seconds since the Unix epoch.
     #[getter]
     fn finished_at(&self) -> Option<f64> {
-        self.state.inner.lock().finished_ns.map(epoch_of_ns)
+        self.state.finished_ns().map(epoch_of_ns)
     }
 
     /// Reports progress: `percent` from 0 to 100 and an optional step name.
@@ -295,22 +378,39 @@ impl TaskResult {
         }
     }
 
-    /// Calls `fn(task_result)` once the task finishes, at once if it has.
+    /// Calls `fn(value)` once the task succeeds (at once if it has); never
+    /// for a task that fails or is cancelled.
     fn add_callback(slf: &Bound<'_, Self>, func: &Bound<'_, PyAny>) -> PyResult<()> {
-        slf.get().born.check()?;
-        if !func.is_callable() {
-            return Err(Error::WrongType("callback", "callable", describe(func)).into());
-        }
-        let state = &slf.get().state;
-        {
-            let mut inner = state.inner.lock();
-            if !state.status().is_final() {
-                inner.callbacks.push(func.clone().unbind());
-                return Ok(());
-            }
-        }
-        run_callbacks(slf.py(), slf, vec![func.clone().unbind()]);
-        Ok(())
+        Self::attach(slf, func, false)
+    }
+
+    /// Calls `fn(task_result)` once the task is final, whatever the outcome
+    /// (at once if it is).
+    fn add_done_callback(slf: &Bound<'_, Self>, func: &Bound<'_, PyAny>) -> PyResult<()> {
+        Self::attach(slf, func, true)
+    }
+
+    /// The task's timings and attempts as a `TaskStats` (catzilla 0.2's shape).
+    fn get_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.born.check()?;
+        let rt = runtime(py)?;
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("task_id", self.task_id())?;
+        kwargs.set_item("status", self.status(py)?)?;
+        kwargs.set_item("created_at", self.created_at())?;
+        let started = self.started_at();
+        let finished = self.finished_at();
+        kwargs.set_item("started_at", started)?;
+        kwargs.set_item("completed_at", finished)?;
+        let ms = match (started, finished) {
+            (Some(s), Some(f)) => Some(((f - s) * 1000.0).max(0.0)),
+            _ => None,
+        };
+        kwargs.set_item("execution_time_ms", ms)?;
+        kwargs.set_item("memory_usage_mb", py.None())?;
+        kwargs.set_item("retries", self.attempts().saturating_sub(1))?;
+        kwargs.set_item("worker_id", py.None())?;
+        rt.task_stats.bind(py).call((), Some(&kwargs))
     }
 
     fn __await__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {

@@ -149,7 +149,7 @@ impl Periodics {
                     visit.call(&call.kwargs)?;
                     visit.call(&call.no_retry)?;
                     for cb in &run.task.callbacks {
-                        visit.call(cb)?;
+                        visit.call(cb.func())?;
                     }
                 }
             }
@@ -554,7 +554,9 @@ fn build_run(py: Python<'_>, shared: &Arc<Shared>, s: &Arc<Schedule>) -> PyResul
             shared: Arc::downgrade(shared),
         },
     )?;
-    run.task.callbacks.push(watch.into_any().unbind());
+    run.task
+        .callbacks
+        .push(super::task::Callback::Done(watch.into_any().unbind()));
     run.delay = std::time::Duration::ZERO;
     run.task.delayed = false;
     Ok(run)

@@ -30,6 +30,10 @@ pub struct Runtime {
     pub not_restartable_error: Py<PyAny>,
     /// (task id, stored error JSON or None) -> the exception to raise for it.
     pub rebuild_error: Py<PyAny>,
+    /// `TaskStats`, what `TaskResult.get_stats()` returns.
+    pub task_stats: Py<PyAny>,
+    /// Warns that `add_task(compile_to_c=...)` (catzilla 0.2's) does nothing.
+    pub warn_compile_to_c: Py<PyAny>,
 }
 
 static RUNTIME: PyOnceLock<Runtime> = PyOnceLock::new();
@@ -75,6 +79,8 @@ pub fn _init_runtime(spec: &Bound<'_, PyDict>) -> PyResult<()> {
         resolve: item(spec, "resolve")?,
         not_restartable_error: item(spec, "NotRestartableError")?,
         rebuild_error: item(spec, "rebuild_error")?,
+        task_stats: item(spec, "TaskStats")?,
+        warn_compile_to_c: item(spec, "warn_compile_to_c")?,
     };
     if rt.priorities.len() != 4 {
         return Err(pyo3::exceptions::PyValueError::new_err(

@@ -23,6 +23,35 @@ macro_rules! engine_stats {
 
         #[pymethods]
         impl EngineStats {
+            /// `EngineStats(**fields)`: a reading made by hand (zeros for the
+            /// fields not given), e.g. for tests and code written for catzilla 0.2.
+            #[new]
+            #[pyo3(signature = (**fields))]
+            fn py_new(fields: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+                let mut stats = Self::default();
+                for (key, value) in fields.into_iter().flat_map(|f| f.iter()) {
+                    let key: String = key.extract()?;
+                    match key.as_str() {
+                        $( stringify!($name) => {
+                            stats.$name = value.extract().map_err(|_| {
+                                pyo3::exceptions::PyTypeError::new_err(format!(
+                                    "EngineStats {}: expected {}, got {}",
+                                    key,
+                                    stringify!($ty),
+                                    crate::errors::describe(&value)
+                                ))
+                            })?;
+                        } )*
+                        _ => {
+                            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                                "EngineStats() got an unexpected keyword argument {key:?}"
+                            )))
+                        }
+                    }
+                }
+                Ok(stats)
+            }
+
             /// Every field as a JSON-ready dict.
             fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
                 let d = PyDict::new(py);
