@@ -741,3 +741,42 @@ def test_a_0_2_program_runs_and_its_global_tasks_drain_at_exit(tmp_path: Path) -
         assert done.stderr.count(f"({option}=...) has no effect here") == 1, done.stderr
     assert done.stderr.count("(compile_to_c=...) has no effect here") == 2, done.stderr
     assert "legacy_app.py" in done.stderr and "Traceback" not in done.stderr
+
+
+# Request models written for 0.2: its Field and marker option names
+
+
+def test_field_takes_0_2_s_regex_min_items_and_max_items() -> None:
+    from catzilla import BaseModel, Field
+    from pydantic import ValidationError
+
+    class Signup(BaseModel):
+        code: str = Field(..., regex=r"^[A-Z]{3}$")
+        tags: list[str] = Field(default_factory=list, min_items=1, max_items=2)
+
+    assert Signup(code="ABC", tags=["a"]).tags == ["a"]
+    for bad in (
+        {"code": "abc", "tags": ["a"]},
+        {"code": "ABC", "tags": []},
+        {"code": "ABC", "tags": ["a", "b", "c"]},
+    ):
+        with pytest.raises(ValidationError):
+            Signup(**bad)
+    with pytest.raises(TypeError, match="both regex= and pattern="):
+        Field(regex="a", pattern="b")
+
+
+def test_markers_take_0_2_s_regex() -> None:
+    from catzilla import Query
+    from catzilla.testing import TestClient
+
+    app = Catzilla()
+
+    @app.get("/sort")
+    def sort(order: str = Query("asc", regex="^(asc|desc)$")) -> dict[str, str]:
+        return {"order": order}
+
+    with TestClient(app) as client:
+        assert client.get("/sort", params={"order": "desc"}).json() == {"order": "desc"}
+        r = client.get("/sort", params={"order": "up"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "order"]

@@ -1048,3 +1048,13 @@ def test_markers_repr():
     assert repr(Query(3)) == "Query(3)"
     assert repr(Header()) == "Header()"
     assert repr(Form(...)) == "Form(Ellipsis)"
+
+
+@pytest.mark.parametrize("marker", ["Path", "Query", "Header", "Form", "Body"])
+def test_a_marker_option_typo_is_a_type_error_naming_it(marker: str) -> None:
+    import catzilla
+
+    with pytest.raises(
+        TypeError, match=f"{marker}\\(\\) got an unexpected keyword argument 'min_lenght'"
+    ):
+        getattr(catzilla, marker)(None, min_lenght=3)

@@ -29,7 +29,7 @@ import typing
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeAlias, TypedDict, Unpack
 
 from pydantic import BaseModel, TypeAdapter, ValidationError, create_model
 from pydantic import Field as _pydantic_field
@@ -168,40 +168,45 @@ class BodyParam(Param):
         self.embed = embed
 
 
-def _constraints(
-    ge: float | None,
-    gt: float | None,
-    le: float | None,
-    lt: float | None,
-    min_length: int | None,
-    max_length: int | None,
-    pattern: str | None,
-) -> dict[str, Any]:
-    return {
-        "ge": ge,
-        "gt": gt,
-        "le": le,
-        "lt": lt,
-        "min_length": min_length,
-        "max_length": max_length,
-        "pattern": pattern,
-    }
+class Limits(TypedDict, total=False):
+    """The options every marker takes: constraints, the name the value has
+    in the request, and a description."""
+
+    ge: float
+    gt: float
+    le: float
+    lt: float
+    min_length: int
+    max_length: int
+    pattern: str
+    #: catzilla 0.2's name for ``pattern``.
+    regex: str
+    alias: str
+    description: str
 
 
-def Path(  # noqa: N802
-    default: Any = UNSET,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    min_length: int | None = None,
-    max_length: int | None = None,
-    pattern: str | None = None,
-    regex: str | None = None,
-    alias: str | None = None,
-    description: str | None = None,
-) -> Any:
+_CONSTRAINTS = ("ge", "gt", "le", "lt", "min_length", "max_length", "pattern")
+
+
+def _marker(cls: type[Param], where: str, default: Any, options: Limits, **extra: Any) -> Any:
+    """``cls`` made from a marker function's options; an unknown option is a
+    ``TypeError`` naming it."""
+    unknown = set(options) - set(Limits.__annotations__)
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+    given: dict[str, Any] = dict(options)
+    if given.get("pattern") is None:
+        given["pattern"] = given.get("regex")
+    return cls(
+        default,
+        alias=given.get("alias"),
+        description=given.get("description"),
+        constraints={k: given.get(k) for k in _CONSTRAINTS},
+        **extra,
+    )
+
+
+def Path(default: Any = UNSET, **options: Unpack[Limits]) -> Any:  # noqa: N802
     """Marks a handler parameter as a path parameter: ``task_id: str = Path(...)``.
 
     The value comes from the route's ``{task_id}`` and is converted to the
@@ -209,49 +214,23 @@ def Path(  # noqa: N802
     ``gt``, ``le``, ``lt`` for numbers; ``min_length``, ``max_length``,
     ``pattern`` for text); a value that does not pass answers 422.
     """
-    limits = _constraints(ge, gt, le, lt, min_length, max_length, pattern or regex)
-    return PathParam(default, alias=alias, description=description, constraints=limits)
+    return _marker(PathParam, "Path", default, options)
 
 
-def Query(  # noqa: N802
-    default: Any = UNSET,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    min_length: int | None = None,
-    max_length: int | None = None,
-    pattern: str | None = None,
-    regex: str | None = None,
-    alias: str | None = None,
-    description: str | None = None,
-) -> Any:
+def Query(default: Any = UNSET, **options: Unpack[Limits]) -> Any:  # noqa: N802
     """Marks a handler parameter as a query parameter: ``limit: int = Query(10)``.
 
     ``Query()`` defaults to None and ``Query(...)`` makes it required: a
     request without it answers 400. ``list[int]`` (or another list type)
     takes every value of a repeated key (``?id=1&id=2``). A value that does
-    not convert to the annotation or breaks a constraint answers 422.
+    not convert to the annotation or breaks a constraint answers 422. The
+    options are those of ``Path``, plus ``alias`` (the name in the query).
     """
-    limits = _constraints(ge, gt, le, lt, min_length, max_length, pattern or regex)
-    return QueryParam(default, alias=alias, description=description, constraints=limits)
+    return _marker(QueryParam, "Query", default, options)
 
 
 def Header(  # noqa: N802
-    default: Any = UNSET,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    min_length: int | None = None,
-    max_length: int | None = None,
-    pattern: str | None = None,
-    regex: str | None = None,
-    alias: str | None = None,
-    convert_underscores: bool = True,
-    description: str | None = None,
+    default: Any = UNSET, *, convert_underscores: bool = True, **options: Unpack[Limits]
 ) -> Any:
     """Marks a handler parameter as a request header: ``user_agent: str = Header()``
     reads ``User-Agent`` (underscores become hyphens unless
@@ -260,30 +239,10 @@ def Header(  # noqa: N802
     ``Header()`` defaults to None and ``Header(...)`` makes it required (400
     when missing). A list annotation splits the value on commas.
     """
-    limits = _constraints(ge, gt, le, lt, min_length, max_length, pattern or regex)
-    return HeaderParam(
-        default,
-        alias=alias,
-        description=description,
-        constraints=limits,
-        convert_underscores=convert_underscores,
-    )
+    return _marker(HeaderParam, "Header", default, options, convert_underscores=convert_underscores)
 
 
-def Form(  # noqa: N802
-    default: Any = UNSET,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    min_length: int | None = None,
-    max_length: int | None = None,
-    pattern: str | None = None,
-    regex: str | None = None,
-    alias: str | None = None,
-    description: str | None = None,
-) -> Any:
+def Form(default: Any = UNSET, **options: Unpack[Limits]) -> Any:  # noqa: N802
     """Marks a handler parameter as a field of a form body
     (``application/x-www-form-urlencoded`` or ``multipart/form-data``):
     ``name: str = Form(...)``.
@@ -292,25 +251,10 @@ def Form(  # noqa: N802
     missing). A list annotation takes every value of a repeated field. The
     value of a file part is its content, as bytes.
     """
-    limits = _constraints(ge, gt, le, lt, min_length, max_length, pattern or regex)
-    return FormParam(default, alias=alias, description=description, constraints=limits)
+    return _marker(FormParam, "Form", default, options)
 
 
-def Body(  # noqa: N802
-    default: Any = UNSET,
-    *,
-    embed: bool = False,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    min_length: int | None = None,
-    max_length: int | None = None,
-    pattern: str | None = None,
-    regex: str | None = None,
-    alias: str | None = None,
-    description: str | None = None,
-) -> Any:
+def Body(default: Any = UNSET, *, embed: bool = False, **options: Unpack[Limits]) -> Any:  # noqa: N802
     """Marks a handler parameter as the request body, validated as its
     annotation: ``tags: list[str] = Body(...)``. A parameter annotated with a
     pydantic model needs no marker.
@@ -318,8 +262,7 @@ def Body(  # noqa: N802
     With several body parameters, or ``embed=True``, each one is the value
     of its own key of a JSON object (``alias`` names the key).
     """
-    limits = _constraints(ge, gt, le, lt, min_length, max_length, pattern or regex)
-    return BodyParam(default, alias=alias, description=description, constraints=limits, embed=embed)
+    return _marker(BodyParam, "Body", default, options, embed=embed)
 
 
 # Type inspection
