@@ -11,6 +11,7 @@ import logging
 import sys
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -227,7 +228,7 @@ def test_headers_are_sent_and_read_in_any_case(make_app: MakeApp):
 def test_status_codes(make_app: MakeApp, caplog: pytest.LogCaptureFixture):
     app = make_app(tasks=False, max_body_size=64)
     add_routes(app)
-    with TestClient(app) as client:
+    with TestClient(app, raise_server_exceptions=False) as client:
         assert client.get("/no/such/page").status_code == 404
         r = client.delete("/items/1")
         assert r.status_code == 405
@@ -521,11 +522,31 @@ def test_with_an_app_without_tasks(make_app: MakeApp):
     assert app.tasks is None and app._server is None
 
 
+def test_a_handler_s_exception_is_raised_in_the_test(make_app: MakeApp):
+    app = make_app(tasks=False)
+    add_routes(app)
+
+    @app.get("/async-boom/{n}")
+    async def async_boom(request: Request, n: int) -> dict[str, int]:
+        raise KeyError(f"missing {n}")
+
+    with TestClient(app) as client:
+        with pytest.raises(RuntimeError, match="the handler blew up") as raised:
+            client.get("/boom")
+        # with the handler's own frames in its traceback
+        assert any(f.name == "boom" for f in traceback.extract_tb(raised.value.__traceback__))
+        with pytest.raises(KeyError, match="missing 7"):
+            client.get("/async-boom/7", params={"q": "x"})
+        assert client.get("/items/3").status_code == 200  # the server carries on
+        # HTTPError is an answer, not a failure
+        assert client.get("/teapot").status_code == 418
+
+
 def test_metrics_count_the_requests_made_through_the_client(make_app: MakeApp):
     app = make_app()
     app.enable_metrics()
     add_routes(app)
-    with TestClient(app) as client:
+    with TestClient(app, raise_server_exceptions=False) as client:
         for n in range(3):
             assert client.get(f"/items/{n}").status_code == 200
         assert client.get("/boom").status_code == 500

@@ -23,6 +23,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
+from .web import failure_listeners
+
 if TYPE_CHECKING:
     from ._catzilla import Server
     from .app import Catzilla
@@ -108,7 +110,9 @@ class TestClient:
     ``base_url`` gives the ``Host`` header; ``headers`` are sent with every
     request; cookies the app sets are kept and sent back, as a browser would.
     ``timeout`` bounds each response (``TimeoutError`` past it, e.g. for an
-    endless stream)."""
+    endless stream). An exception a handler raises is raised again in the
+    test, with its traceback, once the server answered 500 and logged it;
+    with ``raise_server_exceptions=False`` the test gets the 500 response."""
 
     __test__ = False  # not a test class, for pytest
 
@@ -120,6 +124,7 @@ class TestClient:
         headers: Mapping[str, str] | None = None,
         cookies: Mapping[str, str] | None = None,
         timeout: float = 30.0,
+        raise_server_exceptions: bool = True,
     ) -> None:
         parts = urlsplit(base_url)
         if (
@@ -141,6 +146,7 @@ class TestClient:
         self.headers = dict(headers or {})
         self.cookies: dict[str, str] = dict(cookies or {})
         self.timeout = float(timeout)
+        self.raise_server_exceptions = raise_server_exceptions
         self._server: Server | None = None
         self._lifecycle = False
         self._closed = False
@@ -240,15 +246,30 @@ class TestClient:
         if body or method.upper() in ("POST", "PUT", "PATCH"):
             sent["content-length"] = str(len(body))
         server = self._start_server()
-        status, got, answer = server.exchange(
-            method.upper(),
-            target,
-            list(sent.items()),
-            body,
-            self.timeout if timeout is None else float(timeout),
-        )
+        raised: list[BaseException] = []
+        if self.raise_server_exceptions:
+            mine = f"{method.upper()} {urlsplit(target).path} raised"
+
+            def listen(message: str, exc: BaseException) -> None:
+                if message.startswith(mine):
+                    raised.append(exc)
+
+            failure_listeners.append(listen)
+        try:
+            status, got, answer = server.exchange(
+                method.upper(),
+                target,
+                list(sent.items()),
+                body,
+                self.timeout if timeout is None else float(timeout),
+            )
+        finally:
+            if self.raise_server_exceptions:
+                failure_listeners.remove(listen)
         response = TestResponse(method.upper(), target, status, Headers(got), answer)
         self._keep_cookies(response.headers.get_list("set-cookie"))
+        if raised and status == 500:
+            raise raised[0]
         return response
 
     def get(self, url: str, **kwargs: Any) -> TestResponse:
