@@ -718,3 +718,46 @@ def test_a_failed_start_stops_the_server_and_the_engine(
         pytest.fail("the body ran although the start failed")
     assert client._server is None and app._server is None
     assert app.tasks is not None and app.tasks.is_shutdown
+
+
+def test_each_with_block_gets_a_running_engine_with_the_app_s_schedules_and_hooks(
+    make_app: MakeApp,
+):
+    app = make_app()
+    ticks = Recorder()
+    events = Recorder()
+
+    @app.periodic(every=0.05, name="tick")
+    def tick() -> None:
+        ticks.append(1)
+
+    @app.periodic(every=3600, name="paused")
+    def hourly() -> None:
+        ticks.append("hourly")
+
+    app.list_periodic_tasks()[1].pause()
+
+    @app.on_task_event("succeeded")
+    def seen(event: Any) -> None:
+        events.append(event.name)
+
+    @app.post("/double/{n}")
+    def double(request: Request, n: int) -> dict[str, str]:
+        return {"task_id": app.add_task(pow, n, 2).task_id}
+
+    first = app.tasks
+    for round_ in range(2):
+        with TestClient(app) as client:
+            assert app.tasks is not None and not app.tasks.is_shutdown
+            task_id = client.post(f"/double/{round_ + 3}").json()["task_id"]
+            done = {t.task_id: t for t in app.tasks.drain(DEADLINE)}
+            assert done[task_id].result() == (round_ + 3) ** 2
+            assert "builtins.pow" in events.snapshot()  # hooks seen before drain returned
+            schedules = {p.name: p for p in app.list_periodic_tasks()}
+            assert set(schedules) == {"tick", "paused"}
+            assert schedules["paused"].is_paused and not schedules["tick"].is_paused
+            before = len(ticks.snapshot())
+            wait_until(lambda b=before: len(ticks.snapshot()) > b, what="a tick in this block")
+        assert app.tasks.is_shutdown
+    assert app.tasks is not first  # the second block started a new engine
+    assert "hourly" not in ticks.snapshot()

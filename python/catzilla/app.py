@@ -100,6 +100,10 @@ class Catzilla:
         self.version = version
         self.tasks: BackgroundTasks | None = None
         self._task_options: dict[str, Any] = {}
+        # Each schedule added through the app, to add again to a restarted engine.
+        self._schedules: list[
+            tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], PeriodicTask]
+        ] = []
         self.max_body_size = max_body_size
         self.handler_threads = handler_threads
         self.io_threads = io_threads
@@ -426,12 +430,38 @@ class Catzilla:
     ) -> PeriodicTask:
         """Runs ``func(*args, **kwargs)`` on a schedule (``every=`` or ``cron=``,
         and the other options of ``BackgroundTasks.add_periodic_task``)."""
-        return self._engine().add_periodic_task(func, *args, **kwargs)
+        schedule = self._engine().add_periodic_task(func, *args, **kwargs)
+        self._schedules.append((func, args, kwargs, schedule))
+        return schedule
 
     def periodic(self, **options: Unpack[PeriodicOptions]) -> Callable[[F], F]:
         """``@app.periodic(every=60)`` / ``@app.periodic(cron="0 3 * * *")``: runs
         the decorated function (no arguments) on a schedule."""
-        return self._engine().periodic(**options)
+        self._engine()
+
+        def register(func: F) -> F:
+            self.add_periodic_task(func, **options)
+            return func
+
+        return register
+
+    def _restart_engine(self) -> BackgroundTasks:
+        """Replaces a shut-down engine with a new one made with the same
+        options, observation and event hooks, and the schedules added through
+        the app that were not cancelled (paused ones stay paused). What a new
+        ``with TestClient(app)`` does, so that each test gets a running engine."""
+        tasks = self.tasks = BackgroundTasks(**self._task_options)
+        self._apply_observation(tasks)
+        kept = []
+        for func, args, kwargs, old in self._schedules:
+            if old.is_cancelled:
+                continue
+            schedule = tasks.add_periodic_task(func, *args, **kwargs)
+            if old.is_paused:
+                schedule.pause()
+            kept.append((func, args, kwargs, schedule))
+        self._schedules = kept
+        return tasks
 
     def list_periodic_tasks(self) -> list[PeriodicTask]:
         """The app's periodic tasks not cancelled, in the order they were added."""

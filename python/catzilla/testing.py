@@ -101,7 +101,9 @@ class TestResponse:
 
 class TestClient:
     """Sends requests to ``app`` in-process. Use it as a context manager to
-    run the app's lifecycle as ``listen`` does: on entry the engine takes back
+    run the app's lifecycle as ``listen`` does: on entry an engine a previous
+    ``with`` shut down is started again (same options, hooks and schedules),
+    and the engine takes back
     tasks of dead processes (with a store) and the dashboard starts; on exit
     the server stops (in-flight requests finish) and the engine shuts down,
     waiting for its tasks. Without ``with``, requests are served all the same
@@ -158,6 +160,8 @@ class TestClient:
         self._lifecycle = True
         app = self.app
         try:
+            if app.tasks is not None and app.tasks.is_shutdown and not app.tasks.is_forked:
+                app._restart_engine()  # a previous ``with`` shut it down
             if app.tasks is not None and app._engine().config["storage"] is not None:
                 app._engine().recover()
             if app._dashboard is not None:
