@@ -120,6 +120,11 @@ def test_a_typo_is_a_type_error_naming_it_and_nothing_is_warned() -> None:
     # Checked before any warning: a typo among 0.2 options warns about none.
     with pytest.raises(TypeError, match="'shwo_banner'"):
         Catzilla(production=True, shwo_banner=False)
+    # The suggestion is among 0.2's options too.
+    with pytest.raises(TypeError, match=r"'prodction'; did you mean 'production'"):
+        Catzilla(prodction=True)
+    with pytest.raises(TypeError, match=r"'compile_to_cc'; did you mean 'compile_to_c'"):
+        task(compile_to_cc=True)  # type: ignore[call-overload]
 
 
 def test_title_description_and_version_are_kept_without_warning() -> None:

@@ -416,6 +416,25 @@ def test_drain_with_a_store_serving_its_own_queue(make_engine: MakeEngine, tmp_p
     assert engine.drain(DEADLINE) == []
 
 
+def test_drain_with_a_store_settles_again_after_the_store_is_empty(
+    make_engine: MakeEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A task claimed from the store between drain's settle and its look at
+    # the store is in neither: drain must see it running here and wait.
+    engine = make_engine(workers=1, storage=f"sqlite:///{tmp_path}/t.db")
+    late: list[TaskResult] = []
+
+    def store_waiting() -> int:
+        if not late:
+            late.append(engine.add_task(double, 21))
+        return 0
+
+    monkeypatch.setattr(engine, "_store_waiting", store_waiting)
+    done = engine.drain(DEADLINE)
+    assert ids(done) == ids(late)
+    assert late[0].result() == 42
+
+
 def test_drain_waits_for_the_app_s_task_event_hooks():
     from catzilla import Catzilla
 

@@ -143,9 +143,19 @@ def build_app() -> Catzilla:
         return {"color": color.value, "is_enum": isinstance(color, Color)}
 
     @app.get("/query/plain-default")
-    def query_plain_default(request: Request, limit: int = 7) -> dict[str, Any]:
-        # No marker: not a query parameter (it keeps its default).
-        return {"limit": limit}
+    def query_plain_default(request: Request, limit: int = 7, tag: list[str] = []) -> Any:  # noqa: B006
+        # No marker, a simple type and a default: a query parameter, as in FastAPI.
+        return {"limit": limit, "tag": tag}
+
+    @app.get("/query/first-is-not-the-request")
+    def query_first(q: int = 5, request: Request | None = None) -> dict[str, Any]:
+        # An annotated first parameter is not the request.
+        return {"q": q, "has_request": isinstance(request, Request)}
+
+    @app.get("/query/unannotated-default")
+    def query_unannotated(request: Request, scale=2) -> dict[str, Any]:  # noqa: ANN001
+        # Unannotated: left alone (its default).
+        return {"scale": scale}
 
     # Path parameters
 
@@ -549,8 +559,24 @@ def test_enum_query_param(client: Client):
     assert data["detail"][0]["type"] == "enum"
 
 
-def test_plain_parameter_with_a_default_is_not_a_query_parameter(client: Client):
-    assert client.get("/query/plain-default?limit=99").json() == {"limit": 7}
+def test_a_plain_typed_parameter_with_a_default_is_a_query_parameter(client: Client):
+    assert client.get("/query/plain-default").json() == {"limit": 7, "tag": []}
+    r = client.get("/query/plain-default?limit=99&tag=a&tag=b")
+    assert r.json() == {"limit": 99, "tag": ["a", "b"]}
+    r = client.get("/query/plain-default?limit=many")
+    assert r.status == 422 and r.json()["detail"][0]["loc"] == ["query", "limit"]
+
+
+def test_an_annotated_first_parameter_is_not_the_request(client: Client):
+    assert client.get("/query/first-is-not-the-request?q=8").json() == {
+        "q": 8,
+        "has_request": True,
+    }
+    assert client.get("/query/first-is-not-the-request").json()["q"] == 5
+
+
+def test_an_unannotated_parameter_with_a_default_keeps_it(client: Client):
+    assert client.get("/query/unannotated-default?scale=9").json() == {"scale": 2}
 
 
 # Path parameters
@@ -1058,3 +1084,24 @@ def test_a_marker_option_typo_is_a_type_error_naming_it(marker: str) -> None:
         TypeError, match=f"{marker}\\(\\) got an unexpected keyword argument 'min_lenght'"
     ):
         getattr(catzilla, marker)(None, min_lenght=3)
+
+
+def test_unannotated_markers_take_text_and_any_json() -> None:
+    # An unannotated Body() is any JSON value, an unannotated Query() with a
+    # constraint is text (they used to fail at registration on inspect._empty).
+    from catzilla.testing import TestClient
+
+    app = Catzilla()
+
+    @app.post("/any")
+    def anything(data=Body(), q=Query(None, min_length=2)):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202, B008
+        return {"data": data, "q": q}
+
+    with pytest.raises(TypeError, match="ge cannot apply to <class 'str'>"):
+        app.get("/ge")(lambda x=Query(ge=1): None)  # noqa: B008
+
+    client = TestClient(app)
+    assert client.post("/any?q=ab", json=[1, "x"]).json() == {"data": [1, "x"], "q": "ab"}
+    r = client.post("/any?q=a", json=1)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["query", "q"]

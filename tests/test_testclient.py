@@ -342,6 +342,33 @@ def test_cookies_set_by_the_app_are_sent_back(make_app: MakeApp):
         assert client.get("/me").json() == {"cookie": "theme=dark"}
 
 
+def test_a_cookie_expired_by_the_app_is_dropped(make_app: MakeApp):
+    app = make_app(tasks=False)
+
+    @app.get("/set/{value}")
+    def set_cookie(request: Request, value: str) -> Response:
+        return Response("", headers={"Set-Cookie": f"sid={value}; Path=/; Max-Age=60"})
+
+    @app.get("/expire/{how}")
+    def expire(request: Request, how: str) -> Response:
+        line = {
+            "past": "sid=deleted; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/",
+            "negative": "sid=x; Max-Age=-5",
+            # Max-Age wins over Expires
+            "max-age-wins": "sid=kept; Max-Age=60; Expires=Thu, 01 Jan 1970 00:00:00 GMT",
+        }[how]
+        return Response("", headers={"Set-Cookie": line})
+
+    with TestClient(app) as client:
+        for how in ("past", "negative"):
+            client.get("/set/1")
+            assert client.cookies == {"sid": "1"}
+            client.get(f"/expire/{how}")
+            assert client.cookies == {}, how
+        client.get("/expire/max-age-wins")
+        assert client.cookies == {"sid": "kept"}
+
+
 def test_dashboard_login_works_through_the_cookie_jar(make_app: MakeApp):
     app = make_app()
     app.enable_dashboard(token="a-test-token")
@@ -610,6 +637,41 @@ def test_requests_from_threads_are_served_concurrently(make_app: MakeApp):
         for t in threads:
             t.join(DEADLINE)
     assert sorted(r.json()["n"] for r in answers) == [0, 1, 2, 3]
+
+
+def test_first_requests_from_threads_at_once_start_one_server(
+    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+):
+    app = make_app(tasks=False)
+
+    @app.get("/")
+    def root(request: Request) -> dict[str, int]:
+        return {"ok": 1}
+
+    made: list[Any] = []
+    new_server = app._new_server
+
+    def slow_new_server(**options: Any) -> Any:
+        server = new_server(**options)
+        made.append(server)
+        time.sleep(0.05)  # widens the window between the check and the start
+        return server
+
+    monkeypatch.setattr(app, "_new_server", slow_new_server)
+    client = TestClient(app)  # no with: the first request starts the server
+    barrier = threading.Barrier(4, timeout=DEADLINE)
+
+    def first_request() -> None:
+        barrier.wait()
+        assert client.get("/").status_code == 200
+
+    threads = [threading.Thread(target=first_request) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE)
+    client.close()
+    assert len(made) == 1  # none started and left running
 
 
 def test_the_client_from_async_code(make_app: MakeApp):

@@ -124,7 +124,7 @@ def accept_legacy(
     option in ``legacy`` (a typo), else one ``DeprecationWarning`` each."""
     for name in options:
         if name not in legacy:
-            raise unexpected(where, name, parameter_names(accepted))
+            raise unexpected(where, name, [*parameter_names(accepted), *legacy])
     for name in options:
         warn_ignored(where, name, legacy[name])
 

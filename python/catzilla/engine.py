@@ -358,7 +358,9 @@ class BackgroundTasks(Engine):
             left = max(0.0, deadline - time.monotonic())
             if not self._settle(left):
                 raise TimeoutError(self._busy_report(timeout))
-            if not self._store_waiting():
+            # NOTE: settled again after the store said it is empty: a task
+            # claimed from it in between is then seen running here.
+            if not self._store_waiting() and (self.config["storage"] is None or self._settle(0)):
                 break
             if time.monotonic() >= deadline:
                 raise TimeoutError(self._busy_report(timeout))

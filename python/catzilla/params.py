@@ -27,6 +27,7 @@ import inspect
 import types
 import typing
 import urllib.parse
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeAlias, TypedDict, Unpack
@@ -738,7 +739,33 @@ def _split_annotated(tp: Any) -> tuple[Any, Param | None, tuple[Any, ...]]:
 
 
 def _is_request_type(tp: Any) -> bool:
+    """``Request`` (or a subclass), also as ``Request | None``."""
+    tp = _strip_optional(tp)
     return tp is Request or (isinstance(tp, type) and issubclass(tp, Request))
+
+
+#: Types a plain parameter with a default is read from the query string as
+#: (alone, optional, or in a list), as FastAPI reads them.
+_QUERY_TYPES: tuple[type, ...] = (
+    str,
+    int,
+    float,
+    bool,
+    decimal.Decimal,
+    uuid.UUID,
+    datetime.date,
+    datetime.datetime,
+    datetime.time,
+    enum.Enum,
+)
+
+
+def _is_query_type(tp: Any) -> bool:
+    inner = _strip_optional(tp)
+    if _is_sequence(inner):
+        args = typing.get_args(inner)
+        inner = _strip_optional(args[0]) if args else str
+    return isinstance(inner, type) and issubclass(inner, _QUERY_TYPES)
 
 
 def _build_plan(handler: Callable[..., Any], path: str, route_params: list[str]) -> _Plan:
@@ -784,7 +811,14 @@ def _build_plan(handler: Callable[..., Any], path: str, route_params: list[str])
                 "whether it is the request or a body model (define the type where the "
                 "handler's module can see it)"
             )
-        plan.takes_request = marker is None and (isinstance(tp, str) or not _holds_model(tp))
+        # The request is the first parameter unless it is annotated as
+        # something else (``q: int = 5`` is a query parameter, not the request).
+        plan.takes_request = marker is None and (
+            tp is inspect.Parameter.empty
+            or tp is Any
+            or isinstance(tp, str)
+            or _is_request_type(tp)
+        )
     body: list[tuple[inspect.Parameter, Any, BodyParam | None, Any]] = []
     takes_all = False
     for p in params[1:] if plan.takes_request else params:
@@ -819,6 +853,8 @@ def _build_plan(handler: Callable[..., Any], path: str, route_params: list[str])
             if default is inspect.Parameter.empty:
                 default = ...
             body_marker = marker if isinstance(marker, BodyParam) else None
+            if tp is inspect.Parameter.empty:  # unannotated: any JSON value
+                tp = Any
             full = _with_constraints(tp, marker, extra, where(p))
             body.append((p, full, body_marker, default))
         elif isinstance(marker, QueryParam | FormParam):
@@ -834,6 +870,13 @@ def _build_plan(handler: Callable[..., Any], path: str, route_params: list[str])
             )
         elif _is_request_type(tp):
             plan.request_args.append(p.name)
+        elif (
+            p.default is not inspect.Parameter.empty
+            and not isinstance(tp, str)
+            and (_is_query_type(tp))
+        ):
+            # ``limit: int = 10``: a query parameter, as FastAPI reads it.
+            plan.query.append(_field(p.name, "query", p.name, tp, None, extra, default, where(p)))
         elif p.default is inspect.Parameter.empty:
             unresolved = (
                 f" (its annotation {tp!r} does not resolve: define the type where the "
@@ -866,6 +909,8 @@ def _field(
     default: Any,
     where: str,
 ) -> _Field:
+    if tp is inspect.Parameter.empty:  # unannotated: the text as it came
+        tp = str
     inner = _strip_optional(tp)
     many = kind != "path" and _is_sequence(inner)
     if kind == "path" and _is_sequence(inner):

@@ -95,7 +95,7 @@ def task(
     legacy = {name: given.pop(name) for name in list(given) if name in TASK_OPTIONS}
     for name in given:
         if name not in TaskOptions.__optional_keys__:
-            raise unexpected("task", name, TaskOptions.__optional_keys__)
+            raise unexpected("task", name, [*TaskOptions.__optional_keys__, *TASK_OPTIONS])
     for name in legacy:
         warn_ignored("task", name, TASK_OPTIONS[name])
     no_retry_for = given.get("no_retry_for", ())

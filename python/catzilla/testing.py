@@ -17,8 +17,11 @@ conversion, streaming), so a test sees what a client would::
 from __future__ import annotations
 
 import json as _json
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from http.cookies import SimpleCookie
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from http.cookies import Morsel, SimpleCookie
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
@@ -152,6 +155,8 @@ class TestClient:
         self._server: Server | None = None
         self._lifecycle = False
         self._closed = False
+        # One server however many threads send the first requests at once.
+        self._server_lock = threading.Lock()
 
     # Lifecycle
 
@@ -184,8 +189,9 @@ class TestClient:
     def close(self) -> None:
         """Stops the server; after ``with``, also shuts the engine down
         (waiting for its tasks up to its ``exit_timeout``) and the dashboard."""
-        server, self._server = self._server, None
-        self._closed = True
+        with self._server_lock:
+            server, self._server = self._server, None
+            self._closed = True
         app = self.app
         try:
             if server is not None:
@@ -200,15 +206,16 @@ class TestClient:
             self._lifecycle = False
 
     def _start_server(self) -> Server:
-        if self._closed:
-            raise RuntimeError("this TestClient is closed; make a new one")
-        if self._server is None:
-            server = self.app._new_server()
-            server.serve_in_memory()
-            self._server = server
-            if self.app._server is None:
-                self.app._server = server  # what metrics read the HTTP counts from
-        return self._server
+        with self._server_lock:
+            if self._closed:
+                raise RuntimeError("this TestClient is closed; make a new one")
+            if self._server is None:
+                server = self.app._new_server()
+                server.serve_in_memory()
+                self._server = server
+                if self.app._server is None:
+                    self.app._server = server  # what metrics read the HTTP counts from
+            return self._server
 
     # Requests
 
@@ -323,10 +330,31 @@ class TestClient:
             jar: SimpleCookie = SimpleCookie()
             jar.load(line)
             for name, morsel in jar.items():
-                if morsel["max-age"] in ("0", "-1") or morsel.value == "":
+                if morsel.value == "" or _expired(morsel):
                     self.cookies.pop(name, None)
                 else:
                     self.cookies[name] = morsel.value
+
+
+def _expired(morsel: Morsel[str]) -> bool:
+    """Whether a Set-Cookie line removes its cookie: a ``Max-Age`` of zero or
+    less, or (without ``Max-Age``, which wins) an ``Expires`` in the past."""
+    max_age = morsel["max-age"]
+    if max_age:
+        try:
+            return int(max_age) <= 0
+        except ValueError:
+            pass  # unreadable: ignored, as a browser does
+    expires = morsel["expires"]
+    if not expires:
+        return False
+    try:
+        when = parsedate_to_datetime(expires)
+    except (TypeError, ValueError):
+        return False
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when <= datetime.now(UTC)
 
 
 def _pairs(values: Params) -> list[tuple[str, str]]:
