@@ -435,6 +435,22 @@ def test_drain_with_a_store_settles_again_after_the_store_is_empty(
     assert late[0].result() == 42
 
 
+def test_a_worker_s_drain_waits_for_tasks_another_engine_queues(
+    make_engine: MakeEngine, tmp_path: Path
+):
+    # A task the worker's claimer has taken from the store but not yet put in
+    # its buffer is in neither place: drain must not return meanwhile. Looped,
+    # since the window is a claim's length (a race the review found).
+    store = f"sqlite:///{tmp_path}/t.db"
+    producer = make_engine(workers=0, storage=store)
+    worker = make_engine(workers=2, storage=store)
+    for round_ in range(150):
+        handle = producer.add_task(double, round_)
+        assert producer.flush(DEADLINE)
+        done = worker.drain(DEADLINE)
+        assert ids(done) == [handle.task_id], f"round {round_}: drain returned early"
+
+
 def test_drain_waits_for_the_app_s_task_event_hooks():
     from catzilla import Catzilla
 

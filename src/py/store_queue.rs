@@ -60,6 +60,10 @@ pub struct StoreQueue {
     space: Condvar,
     closed: AtomicBool,
     stopped: AtomicBool,
+    /// True while the claimer has taken rows from the store that are not in
+    /// the buffer yet: they are in neither place, and `wait_settled` must
+    /// not call that settled.
+    in_claim: AtomicBool,
     /// Wakes the lease keeper and the news thread (for a stop, or news to wait for).
     tick: Mutex<()>,
     ticked: Condvar,
@@ -87,6 +91,7 @@ impl StoreQueue {
             space: Condvar::new(),
             closed: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            in_claim: AtomicBool::new(false),
             tick: Mutex::new(()),
             ticked: Condvar::new(),
             threads: Mutex::new(Vec::new()),
@@ -150,6 +155,17 @@ impl StoreQueue {
         !self.stopped.load(SeqCst) && (!self.closed.load(SeqCst) || self.awaiting.load(SeqCst) > 0)
     }
 
+    /// The claimed rows are in the buffer (or there were none): wakes the
+    /// takers and `wait_settled`.
+    fn end_claim(&self) {
+        // NOTE: cleared under the state lock, so a `wait_settled` that saw the
+        // flag set is already waiting on `ready` when it is notified.
+        let st = self.state.lock();
+        self.in_claim.store(false, SeqCst);
+        drop(st);
+        self.ready.notify_all();
+    }
+
     fn claim_loop(&self) {
         let mut backoff = FIRST_BACKOFF;
         let mut told = false;
@@ -175,7 +191,12 @@ impl StoreQueue {
                 continue;
             }
             let room = self.prefetch.saturating_sub(self.state.lock().buffer.len());
-            match self.store.claim(&self.queues, room) {
+            self.in_claim.store(true, SeqCst);
+            let claimed = self.store.claim(&self.queues, room);
+            if !matches!(&claimed, Ok(rows) if !rows.is_empty()) {
+                self.end_claim();
+            }
+            match claimed {
                 Ok(rows) if rows.is_empty() => {
                     backoff = FIRST_BACKOFF;
                     self.store.wait_for_work(&self.queues, IDLE_LOOK);
@@ -193,7 +214,7 @@ impl StoreQueue {
                     let mut st = self.state.lock();
                     st.buffer.extend(jobs);
                     drop(st);
-                    self.ready.notify_all();
+                    self.end_claim();
                 }
                 Err(e) => {
                     // A store that stopped for good said so itself, once.
@@ -501,7 +522,8 @@ impl Queue<Job> for StoreQueue {
         let mut st = self.state.lock();
         loop {
             let awaited = self.serves && self.awaiting.load(SeqCst) > 0;
-            if st.in_flight == 0 && !awaited && (st.buffer.is_empty() || !self.claiming()) {
+            let claimed = self.in_claim.load(SeqCst) || !st.buffer.is_empty();
+            if st.in_flight == 0 && !awaited && (!claimed || !self.claiming()) {
                 return true;
             }
             if self.ready.wait_until(&mut st, until).timed_out() {
