@@ -823,3 +823,36 @@ def test_each_with_block_gets_a_running_engine_with_the_app_s_schedules_and_hook
         assert app.tasks.is_shutdown
     assert app.tasks is not first  # the second block started a new engine
     assert "hourly" not in ticks.snapshot()
+
+
+def test_each_request_gets_its_own_handler_s_exception(make_app: MakeApp):
+    # Two requests to the same route at once: one's handler raises, the
+    # other's answers 500 on purpose. Neither sees the other's outcome.
+    app = make_app(tasks=False, handler_threads=2)
+    both_in = threading.Barrier(2, timeout=DEADLINE)
+
+    class Boom(Exception):
+        pass
+
+    @app.get("/x")
+    def x(request: Request) -> Response:
+        both_in.wait()
+        if request.query_params.get("mode") == "raise":
+            raise Boom("the raising request's")
+        return Response("on purpose", status_code=500)
+
+    outcomes: dict[str, object] = {}
+    with TestClient(app) as client:
+
+        def run(mode: str) -> None:
+            try:
+                outcomes[mode] = client.get("/x", params={"mode": mode}).status_code
+            except Boom as exc:
+                outcomes[mode] = str(exc)
+
+        threads = [threading.Thread(target=run, args=(m,)) for m in ("plain", "raise")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE)
+    assert outcomes == {"plain": 500, "raise": "the raising request's"}

@@ -527,8 +527,9 @@ class Server:
         """Serves connections made in this process only (``exchange``); returns at once."""
     def exchange(
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, timeout: float
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        """One request over a new in-memory connection: (status, headers, body).
+    ) -> tuple[int, list[tuple[str, str]], bytes, BaseException | None]:
+        """One request over a new in-memory connection: (status, headers, body,
+        the exception of a handler the server answered 500 for, or None).
         ``TimeoutError`` when the response does not end within ``timeout`` seconds."""
     def http_metrics(
         self,

@@ -26,8 +26,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
-from .web import failure_listeners
-
 if TYPE_CHECKING:
     from ._catzilla import Server
     from .app import Catzilla
@@ -257,30 +255,17 @@ class TestClient:
         if body or method.upper() in ("POST", "PUT", "PATCH"):
             sent["content-length"] = str(len(body))
         server = self._start_server()
-        raised: list[BaseException] = []
-        if self.raise_server_exceptions:
-            mine = f"{method.upper()} {urlsplit(target).path} raised"
-
-            def listen(message: str, exc: BaseException) -> None:
-                if message.startswith(mine):
-                    raised.append(exc)
-
-            failure_listeners.append(listen)
-        try:
-            status, got, answer = server.exchange(
-                method.upper(),
-                target,
-                list(sent.items()),
-                body,
-                self.timeout if timeout is None else float(timeout),
-            )
-        finally:
-            if self.raise_server_exceptions:
-                failure_listeners.remove(listen)
+        status, got, answer, raised = server.exchange(
+            method.upper(),
+            target,
+            list(sent.items()),
+            body,
+            self.timeout if timeout is None else float(timeout),
+        )
         response = TestResponse(method.upper(), target, status, Headers(got), answer)
         self._keep_cookies(response.headers.get_list("set-cookie"))
-        if raised and status == 500:
-            raise raised[0]
+        if raised is not None and self.raise_server_exceptions:
+            raise raised
         return response
 
     def get(self, url: str, **kwargs: Any) -> TestResponse:

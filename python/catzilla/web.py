@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 
 from . import _aio
 from ._catzilla import (
@@ -63,19 +62,6 @@ logger = logging.getLogger("catzilla.http")
 
 _report = reporter(logger)
 
-#: Called with ``(message, exception)`` for every exception a handler raised
-#: that the server answered 500 for, after it is logged (the test client
-#: listens here to raise it in the test).
-failure_listeners: list[Callable[[str, BaseException], None]] = []
-
-
-def _report_http(level: str, message: str, exc: BaseException | None) -> None:
-    _report(level, message, exc)
-    if exc is not None:
-        for listener in tuple(failure_listeners):
-            listener(message, exc)
-
-
 access_logger = logging.getLogger("catzilla.access")
 
 
@@ -93,7 +79,7 @@ _init_http(
         "json_loads": json.loads,
         "BadRequestError": BadRequestError,
         "HTTPError": HTTPError,
-        "report": _report_http,
+        "report": _report,
         "EventLoopThread": _aio.EventLoopThread,
         "access": _access,
         "start_stream": start_stream,

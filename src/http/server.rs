@@ -47,6 +47,10 @@ const BATCH_BUDGET: Duration = Duration::from_millis(2);
 
 type ReplySlot = Arc<Mutex<Option<oneshot::Sender<HttpResponse>>>>;
 
+/// Where the exception of a handler answered 500 is left for `exchange`
+/// (in-memory connections only), so the test client can raise it.
+type FailureSlot = Arc<Mutex<Option<Py<PyAny>>>>;
+
 struct Job {
     handler: usize,
     params: Vec<(String, String)>,
@@ -54,6 +58,7 @@ struct Job {
     body: Bytes,
     peer: Option<SocketAddr>,
     reply: ReplySlot,
+    failed: Option<FailureSlot>,
 }
 
 impl Job {
@@ -109,7 +114,14 @@ impl Streams for Shared {
 }
 
 /// Connections made in this process (`Server.exchange`), for tests.
-type MemoryConns = tokio::sync::mpsc::UnboundedReceiver<tokio::io::DuplexStream>;
+type MemoryConns = tokio::sync::mpsc::UnboundedReceiver<(tokio::io::DuplexStream, FailureSlot)>;
+
+/// Who a connection is from: its address, and for an in-memory one, where a
+/// handler's exception is left for the test client.
+struct Peer {
+    addr: Option<SocketAddr>,
+    failed: Option<FailureSlot>,
+}
 
 /// The client address an in-memory connection reports: a local one.
 const MEMORY_PEER: SocketAddr =
@@ -147,7 +159,7 @@ impl Listener {
             }
             Self::Unix(l) => Ok((Conn::Unix(l.accept().await?.0), None)),
             Self::Memory(rx) => match rx.lock().await.recv().await {
-                Some(stream) => Ok((Conn::Memory(stream), Some(MEMORY_PEER))),
+                Some(conn) => Ok((Conn::Memory(conn), Some(MEMORY_PEER))),
                 // The server is being dropped: nothing can connect any more.
                 None => std::future::pending().await,
             },
@@ -158,7 +170,7 @@ impl Listener {
 enum Conn {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
-    Memory(tokio::io::DuplexStream),
+    Memory((tokio::io::DuplexStream, FailureSlot)),
 }
 
 #[derive(Default)]
@@ -199,7 +211,8 @@ pub struct Server {
     listener: Mutex<Option<StdListener>>,
     running: Mutex<Option<Running>>,
     /// Where `exchange` hands its connections, once serving in memory.
-    memory: Mutex<Option<tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>>>,
+    memory:
+        Mutex<Option<tokio::sync::mpsc::UnboundedSender<(tokio::io::DuplexStream, FailureSlot)>>>,
     stop_requested: Arc<Flag>,
     stopped: AtomicBool,
 }
@@ -345,7 +358,7 @@ impl Server {
 
     /// Sends one request over a new in-memory connection and waits, with the
     /// GIL released, up to `timeout` seconds for the whole response: returns
-    /// (status, headers, body). Raises `TimeoutError` when the response does
+    /// (status, headers, body, the exception of a handler answered 500 or None). Raises `TimeoutError` when the response does
     /// not end in time (an endless stream, a stuck handler).
     #[pyo3(signature = (method, target, headers, body, timeout))]
     fn exchange<'py>(
@@ -369,11 +382,14 @@ impl Server {
             .as_ref()
             .map(|r| r.runtime.handle().clone())
             .ok_or_else(not_serving)?;
+        let failed = FailureSlot::default();
+        let slot = failed.clone();
         let answer = py.detach(move || {
             handle.block_on(async move {
-                tokio::time::timeout(timeout, memory_exchange(tx, request)).await
+                tokio::time::timeout(timeout, memory_exchange(tx, slot, request)).await
             })
         });
+        let failed = failed.lock().take();
         let (parts, bytes) = match answer {
             Ok(Ok(answer)) => answer,
             Ok(Err(message)) => return Err(PyRuntimeError::new_err(message)),
@@ -397,6 +413,7 @@ impl Server {
             parts.status.as_u16(),
             headers,
             pyo3::types::PyBytes::new(py, &bytes),
+            failed,
         ))
     }
 
@@ -508,8 +525,14 @@ impl Server {
     }
 }
 
-/// What `exchange` returns: status, headers and body.
-type Exchanged<'py> = (u16, Vec<(String, String)>, Bound<'py, pyo3::types::PyBytes>);
+/// What `exchange` returns: status, headers, body, and the exception of a
+/// handler the server answered 500 for.
+type Exchanged<'py> = (
+    u16,
+    Vec<(String, String)>,
+    Bound<'py, pyo3::types::PyBytes>,
+    Option<Py<PyAny>>,
+);
 
 /// A request for `exchange`, checked before anything is sent.
 fn memory_request(
@@ -535,11 +558,12 @@ fn memory_request(
 
 /// One request over a fresh in-memory connection, read to its end.
 async fn memory_exchange(
-    tx: tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>,
+    tx: tokio::sync::mpsc::UnboundedSender<(tokio::io::DuplexStream, FailureSlot)>,
+    failed: FailureSlot,
     request: http::Request<http_body_util::Full<Bytes>>,
 ) -> Result<(http::response::Parts, Bytes), String> {
     let (client, server) = tokio::io::duplex(64 * 1024);
-    tx.send(server)
+    tx.send((server, failed))
         .map_err(|_| "the server has stopped".to_owned())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
         .await
@@ -607,9 +631,9 @@ async fn accept_loop(
                     }
                 };
                 match conn {
-                    Conn::Tcp(stream) => serve_connection(stream, peer, &shared, &open, &http, &over_cap, &conns),
-                    Conn::Unix(stream) => serve_connection(stream, peer, &shared, &open, &http, &over_cap, &conns),
-                    Conn::Memory(stream) => serve_connection(stream, peer, &shared, &open, &http, &over_cap, &conns),
+                    Conn::Tcp(stream) => serve_connection(stream, Peer { addr: peer, failed: None }, &shared, &open, &http, &over_cap, &conns),
+                    Conn::Unix(stream) => serve_connection(stream, Peer { addr: peer, failed: None }, &shared, &open, &http, &over_cap, &conns),
+                    Conn::Memory((stream, failed)) => serve_connection(stream, Peer { addr: peer, failed: Some(failed) }, &shared, &open, &http, &over_cap, &conns),
                 }
             }
             changed = shutdown.changed() => {
@@ -683,7 +707,7 @@ type Http1 = hyper::server::conn::http1::Builder;
 /// `max_connections` are open already.
 fn serve_connection<S>(
     stream: S,
-    peer: Option<SocketAddr>,
+    from: Peer,
     shared: &Arc<Shared>,
     open: &Arc<tokio::sync::Semaphore>,
     http: &Http1,
@@ -692,6 +716,7 @@ fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Peer { addr: peer, failed } = from;
     let Ok(permit) = open.clone().try_acquire_owned() else {
         let busy =
             service_fn(|_req| async { Ok::<_, Infallible>(with_server(too_many_connections())) });
@@ -704,7 +729,7 @@ fn serve_connection<S>(
     let seen = first.clone();
     let service = service_fn(move |req| {
         seen.mark();
-        serve_one(shared.clone(), peer, req)
+        serve_one(shared.clone(), peer, failed.clone(), req)
     });
     let conn = http.serve_connection(TokioIo::new(stream), service);
     let stop = conns.stop.clone();
@@ -726,12 +751,13 @@ fn with_server(mut resp: HttpResponse) -> HttpResponse {
 async fn serve_one(
     shared: Arc<Shared>,
     peer: Option<SocketAddr>,
+    failed: Option<FailureSlot>,
     req: http::Request<Incoming>,
 ) -> Result<HttpResponse, Infallible> {
     let client = shared.trusted.client(peer, req.headers());
     let mut route = None;
     if shared.access.is_none() && shared.metrics.is_none() {
-        return handle(shared.clone(), client, req, &mut route)
+        return handle(shared.clone(), client, req, &mut route, failed)
             .await
             .map(with_server);
     }
@@ -739,7 +765,7 @@ async fn serve_one(
     let (method, version) = (req.method().clone(), req.version());
     // The target is read only by the access log.
     let uri = shared.access.as_ref().map(|_| req.uri().clone());
-    let resp = with_server(handle(shared.clone(), client, req, &mut route).await?);
+    let resp = with_server(handle(shared.clone(), client, req, &mut route, failed).await?);
     if let Some(metrics) = &shared.metrics {
         metrics.record(route, &method, resp.status().as_u16(), started.elapsed());
     }
@@ -764,6 +790,7 @@ async fn handle(
     peer: Option<SocketAddr>,
     req: http::Request<Incoming>,
     route: &mut Option<usize>,
+    failed: Option<FailureSlot>,
 ) -> Result<HttpResponse, Infallible> {
     let (parts, body) = req.into_parts();
     if let Some(coding) = super::request::unsupported_transfer_coding(&parts.headers) {
@@ -848,6 +875,7 @@ async fn handle(
         body,
         peer,
         reply: Arc::new(Mutex::new(Some(reply))),
+        failed,
     };
     if shared.tx.try_send(Msg::Job(Box::new(job))).is_err() {
         // NOTE: every handler thread is busy and the backlog is full (or the
@@ -935,6 +963,7 @@ fn run_job(py: Python<'_>, shared: &Arc<Shared>, job: Job) {
         body,
         peer,
         reply,
+        failed,
     } = job;
     let Some(reply) = reply.lock().take() else {
         return;
@@ -943,7 +972,13 @@ fn run_job(py: Python<'_>, shared: &Arc<Shared>, job: Job) {
     let request = match Bound::new(py, Request::new(parts, body, params, peer)) {
         Ok(r) => r,
         Err(err) => {
-            let _ = reply.send(failure(py, err, method.as_str(), "(unreadable request)"));
+            let _ = reply.send(failure(
+                py,
+                err,
+                method.as_str(),
+                "(unreadable request)",
+                failed.as_ref(),
+            ));
             return;
         }
     };
@@ -956,17 +991,24 @@ fn run_job(py: Python<'_>, shared: &Arc<Shared>, job: Job) {
             if !value.is_instance_of::<super::response::Response>() && is_awaitable(&value) =>
         {
             let (method, path) = (req.method_str().to_string(), req.path_str().to_string());
-            match submit_async(py, shared, value, reply, method, path) {
+            match submit_async(py, shared, value, reply, method, path, failed.clone()) {
                 Ok(()) => return,
                 Err((err, reply)) => {
-                    let _ = reply.send(failure(py, err, req.method_str(), req.path_str()));
+                    let _ = reply.send(failure(
+                        py,
+                        err,
+                        req.method_str(),
+                        req.path_str(),
+                        failed.as_ref(),
+                    ));
                     return;
                 }
             }
         }
-        Ok(value) => to_http(&value, shared.as_ref())
-            .unwrap_or_else(|err| failure(py, err, req.method_str(), req.path_str())),
-        Err(err) => failure(py, err, req.method_str(), req.path_str()),
+        Ok(value) => to_http(&value, shared.as_ref()).unwrap_or_else(|err| {
+            failure(py, err, req.method_str(), req.path_str(), failed.as_ref())
+        }),
+        Err(err) => failure(py, err, req.method_str(), req.path_str(), failed.as_ref()),
     };
     let _ = reply.send(response);
 }
@@ -980,6 +1022,7 @@ fn submit_async(
     reply: Reply,
     method: String,
     path: String,
+    failed: Option<FailureSlot>,
 ) -> Result<(), (PyErr, Reply)> {
     let aio = match event_loop(py, shared) {
         Ok(aio) => aio,
@@ -990,6 +1033,7 @@ fn submit_async(
         reply: Mutex::new(Some(reply)),
         method,
         path,
+        failed,
     };
     let done = match Py::new(py, done) {
         Ok(d) => d,
@@ -1022,7 +1066,15 @@ fn event_loop(py: Python<'_>, shared: &Shared) -> PyResult<Py<PyAny>> {
 }
 
 /// A 500 (logged with its traceback) or the status of an `HTTPError`.
-fn failure(py: Python<'_>, err: PyErr, method: &str, path: &str) -> HttpResponse {
+/// The response for a handler's exception: an `HTTPError`'s own, else 500
+/// with the exception logged (and left in `failed` for the test client).
+fn failure(
+    py: Python<'_>,
+    err: PyErr,
+    method: &str,
+    path: &str,
+    failed: Option<&FailureSlot>,
+) -> HttpResponse {
     let Ok(rt) = http_runtime(py) else {
         return error_response(500, "Internal Server Error", &[]);
     };
@@ -1046,6 +1098,11 @@ fn failure(py: Python<'_>, err: PyErr, method: &str, path: &str) -> HttpResponse
         return error_response(status, &detail, &[]);
     }
     let message = format!("{method} {path} raised an exception");
+    if let Some(slot) = failed {
+        // NOTE: what it replaces is dropped after the lock (it may run Python).
+        let before = slot.lock().replace(exc.clone().into_any().unbind());
+        drop(before);
+    }
     if let Err(e) = rt.report.bind(py).call1(("error", message, exc)) {
         e.print(py);
     }
@@ -1059,6 +1116,7 @@ pub struct HttpAsyncDone {
     reply: Mutex<Option<Reply>>,
     method: String,
     path: String,
+    failed: Option<FailureSlot>,
 }
 
 #[pymethods]
@@ -1070,9 +1128,16 @@ impl HttpAsyncDone {
             return;
         };
         let response = match AsyncOutcome::from_code(kind) {
-            AsyncOutcome::Ok => to_http(&value, self.shared.as_ref())
-                .unwrap_or_else(|err| failure(py, err, &self.method, &self.path)),
-            AsyncOutcome::Error => failure(py, PyErr::from_value(value), &self.method, &self.path),
+            AsyncOutcome::Ok => to_http(&value, self.shared.as_ref()).unwrap_or_else(|err| {
+                failure(py, err, &self.method, &self.path, self.failed.as_ref())
+            }),
+            AsyncOutcome::Error => failure(
+                py,
+                PyErr::from_value(value),
+                &self.method,
+                &self.path,
+                self.failed.as_ref(),
+            ),
             AsyncOutcome::Timeout | AsyncOutcome::Cancelled => {
                 error_response(503, "Service Unavailable: the server is shutting down", &[])
             }
