@@ -354,6 +354,14 @@ def refuse(why: str) -> None:
     raise ValueError(why)
 
 
+def fail_once(marker: str) -> str:
+    """Fails on its first attempt (creating ``marker``), succeeds on the next."""
+    if not Path(marker).exists():
+        Path(marker).touch()
+        raise RuntimeError("first attempt")
+    return "second attempt"
+
+
 def hold(flag: str) -> str:
     """Runs until the file ``flag`` exists (for at most DEADLINE seconds)."""
     end = time.monotonic() + DEADLINE
@@ -449,6 +457,22 @@ def test_a_worker_s_drain_waits_for_tasks_another_engine_queues(
         assert producer.flush(DEADLINE)
         done = worker.drain(DEADLINE)
         assert ids(done) == [handle.task_id], f"round {round_}: drain returned early"
+
+
+def test_a_producer_s_handle_shows_the_attempts_and_start_of_a_task_run_elsewhere(
+    make_engine: MakeEngine, tmp_path: Path
+):
+    store = f"sqlite:///{tmp_path}/t.db"
+    producer = make_engine(workers=0, storage=store)
+    worker = make_engine(workers=1, storage=store, retry_backoff_ms=10)
+    before = time.time()
+    handle = producer.add_task(fail_once, str(tmp_path / "marker"), max_retries=2)
+    [done] = producer.drain(DEADLINE)
+    assert done.task_id == handle.task_id and handle.result() == "second attempt"
+    assert handle.attempts == 2
+    assert handle.started_at is not None and handle.finished_at is not None
+    assert before - 1 <= handle.started_at <= handle.finished_at
+    assert worker.drain(DEADLINE)[0].attempts == 2
 
 
 def test_drain_waits_for_the_app_s_task_event_hooks():

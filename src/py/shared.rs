@@ -247,6 +247,7 @@ impl Shared {
                 }
             }
         };
+        job.ran_elsewhere(u32::try_from(row.attempts).unwrap_or(0), row.started_at);
         self.conclude(py, job, status, outcome, false, false);
     }
 

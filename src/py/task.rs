@@ -299,6 +299,16 @@ impl TaskState {
         self.attempts.store(n, SeqCst);
     }
 
+    /// What the store says of this task, run in another process: its
+    /// attempts and when it first started (seconds since the epoch).
+    pub fn ran_elsewhere(&self, attempts: u32, started_at: Option<f64>) {
+        self.attempts.fetch_max(attempts, SeqCst);
+        if let Some(at) = started_at.filter(|t| t.is_finite()) {
+            let ns = ((at - anchor().1) * 1e9).max(1.0) as u64;
+            let _ = self.first_start_ns.compare_exchange(0, ns, SeqCst, SeqCst);
+        }
+    }
+
     pub fn id(&self) -> String {
         format_id(self.prefix, self.seq)
     }
