@@ -43,8 +43,8 @@ pub struct Counters {
     pub panicked: AtomicU64,
     pub async_running: AtomicU64,
     pub pending_bytes: AtomicU64,
-    /// Tasks between their final state and the end of their callbacks
-    /// (which may queue more work: `drain` waits for them).
+    /// Tasks with callbacks between their final state and the end of those
+    /// callbacks (which may queue more work: `drain` waits for them).
     pub concluding: AtomicU64,
 }
 
@@ -274,8 +274,6 @@ impl Shared {
         in_flight: bool,
         record: bool,
     ) {
-        self.counters.concluding.fetch_add(1, SeqCst);
-        let _concluding = CountDown(&self.counters.concluding);
         // A task already final (its news came first, say) is not counted,
         // settled or recorded twice; a worker's slot is still given back.
         let Some((callbacks, call)) = job.finish(py, status, outcome) else {
@@ -285,6 +283,13 @@ impl Shared {
             return;
         };
         drop(call);
+        // NOTE: counted only with callbacks (they may queue more work), from
+        // before the worker's slot is given back until they ran: then `drain`
+        // never sees a gap. Tasks without callbacks pay nothing.
+        let _concluding = (!callbacks.is_empty()).then(|| {
+            self.counters.concluding.fetch_add(1, SeqCst);
+            CountDown(&self.counters.concluding)
+        });
         if self.observer.is_on() {
             let (event, ran) = match status {
                 Status::Completed => (Event::Succeeded, job.last_run()),
