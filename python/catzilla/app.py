@@ -396,8 +396,7 @@ class Catzilla:
             )
         if tasks.is_forked:
             # A child of os.fork(): the parent's engine threads did not follow.
-            tasks = self.tasks = BackgroundTasks(**self._task_options)
-            self._apply_observation(tasks)
+            tasks = self._new_engine()
         return tasks
 
     def add_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskResult:
@@ -445,13 +444,19 @@ class Catzilla:
 
         return register
 
+    def _new_engine(self) -> BackgroundTasks:
+        """A new engine as ``app.tasks``, with the options the app enabled
+        its first one with, and the app's observation and event hooks."""
+        tasks = self.tasks = BackgroundTasks(**self._task_options)
+        self._apply_observation(tasks)
+        return tasks
+
     def _restart_engine(self) -> BackgroundTasks:
         """Replaces a shut-down engine with a new one made with the same
         options, observation and event hooks, and the schedules added through
         the app that were not cancelled (paused ones stay paused). What a new
         ``with TestClient(app)`` does, so that each test gets a running engine."""
-        tasks = self.tasks = BackgroundTasks(**self._task_options)
-        self._apply_observation(tasks)
+        tasks = self._new_engine()
         kept = []
         for func, args, kwargs, old in self._schedules:
             if old.is_cancelled:

@@ -354,28 +354,25 @@ _BOOLS = {"1": True, "true": True, "yes": True, "on": True}
 _BOOLS.update({"0": False, "false": False, "no": False, "off": False})
 
 
-def _fast_int(validate: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def convert(raw: str) -> Any:
-        if raw.isascii():  # int() takes other digits too; pydantic does not
-            try:
-                return int(raw)
-            except ValueError:
-                pass
-        return validate(raw)
-
-    return convert
+Convert: TypeAlias = Callable[[Any], Any]
 
 
-def _fast_float(validate: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def convert(raw: str) -> Any:
-        if raw.isascii():
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-        return validate(raw)
+def _fast_number(parse: Callable[[str], Any]) -> Callable[[Convert], Convert]:
+    """A converter that tries ``parse`` (``int`` or ``float``) on ASCII text
+    first and hands what it refuses to pydantic's ``validate``."""
 
-    return convert
+    def wrap(validate: Convert) -> Convert:
+        def convert(raw: str) -> Any:
+            if raw.isascii():  # int() and float() take other digits too; pydantic does not
+                try:
+                    return parse(raw)
+                except ValueError:
+                    pass
+            return validate(raw)
+
+        return convert
+
+    return wrap
 
 
 def _fast_bool(validate: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -387,12 +384,10 @@ def _fast_bool(validate: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 _FAST: dict[Any, Callable[[Callable[[Any], Any]], Callable[[Any], Any]]] = {
-    int: _fast_int,
-    float: _fast_float,
+    int: _fast_number(int),
+    float: _fast_number(float),
     bool: _fast_bool,
 }
-
-Convert: TypeAlias = Callable[[Any], Any]
 
 
 def _adapter(tp: Any, where: str) -> TypeAdapter[Any]:
